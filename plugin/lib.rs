@@ -1,0 +1,1 @@
+pub use power_retention_schema as schema;
