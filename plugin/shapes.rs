@@ -172,7 +172,8 @@ pub fn validate(
             });
         }
     }
-    let d = if state {
+    // The chunked deg-2 algorithm always carries a state internally; other degrees never do.
+    let d = if state || cfg.deg == 2 {
         expanded_dim(dk as usize, cfg.deg).ok_or_else(|| Error::Constraint { op: op.name, what: format!("expanded dim for Dk = {dk} overflows") })?
     } else {
         0

@@ -275,14 +275,19 @@ unsafe impl Sync for OrtParallel<'_> {}
 struct Job<'f> {
     f: &'f (dyn Fn(usize) + Sync),
     panicked: AtomicBool,
+    message: std::sync::Mutex<String>,
 }
 
 unsafe extern "C" fn run_job(data: *mut c_void, i: usize) {
     // SAFETY: `data` is the &Job passed to ParallelFor below, alive until it returns.
     let job = unsafe { &*(data as *const Job<'_>) };
     // A panic must not unwind into ORT's thread pool: record it and report after the loop.
-    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (job.f)(i))).is_err() {
+    if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (job.f)(i))) {
         job.panicked.store(true, Ordering::Relaxed);
+        let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned());
+        if let Ok(mut m) = job.message.lock() {
+            *m = what.unwrap_or_default();
+        }
     }
 }
 
@@ -292,7 +297,7 @@ impl Parallel for OrtParallel<'_> {
             (0..n).for_each(f);
             return;
         }
-        let job = Job { f, panicked: AtomicBool::new(false) };
+        let job = Job { f, panicked: AtomicBool::new(false), message: std::sync::Mutex::new(String::new()) };
         // SAFETY: raw is this call's kernel context; run_job only dereferences `job`, which
         // outlives the call because ParallelFor returns after every task has finished.
         let st = unsafe { (api().KernelContext_ParallelFor)(self.raw, run_job, n, 0, &job as *const Job<'_> as *mut c_void) };
@@ -301,7 +306,8 @@ impl Parallel for OrtParallel<'_> {
             (0..n).for_each(f);
         }
         if job.panicked.load(Ordering::Relaxed) {
-            panic!("a worker of the parallel loop panicked");
+            let m = job.message.lock().map(|m| m.clone()).unwrap_or_default();
+            panic!("a worker of the parallel loop panicked: {m}");
         }
     }
 }

@@ -8,7 +8,7 @@ use ort_sys::{OrtOpAttrType, OrtShapeInferContext};
 
 use super::api::{api, check, ort_type, release, string_from};
 use crate::error::Result;
-use crate::schema::{AttrValue, ElemType, OpSchema};
+use crate::schema::{AttrValue, ElemType, OpSchema, PortType};
 use crate::shapes::{infer_output_shapes, DimExpr};
 
 /// # Safety
@@ -20,6 +20,9 @@ pub unsafe fn infer(op: &'static OpSchema, elem: ElemType, ctx: *mut OrtShapeInf
     if check(unsafe { (api.ShapeInferContext_GetInputCount)(ctx, &mut count) }).is_err() {
         return Ok(());
     }
+    // ORT builds one schema per op name from the first overload, so the model dtype T must be
+    // read from the node's inputs, not from the entry this callback belongs to.
+    let mut t = None;
     let mut inputs: Vec<Option<Vec<DimExpr>>> = Vec::with_capacity(op.inputs.len());
     for i in 0..op.inputs.len() {
         if i >= count {
@@ -33,12 +36,25 @@ pub unsafe fn infer(op: &'static OpSchema, elem: ElemType, ctx: *mut OrtShapeInf
             inputs.push(None);
             continue;
         }
+        if op.inputs[i].ty == PortType::T {
+            let mut code = ort_sys::ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+            // SAFETY: info is live for the callback; code is a valid out pointer.
+            if check(unsafe { (api.GetTensorElementType)(info, &mut code) }).is_ok() {
+                t = t.or(ElemType::from_onnx_code(code as i32));
+            }
+        }
         // SAFETY: info is live for the callback.
         inputs.push(unsafe { read_dims(info) });
     }
     let deg = read_int_attr(op, ctx, "deg");
     for (o, dims) in infer_output_shapes(op, deg.max(0) as usize, &inputs).into_iter().enumerate() {
-        let ty = op.outputs[o].ty.resolve(elem);
+        // Without a typed input (no shape info) ORT's own type inference stands for T outputs.
+        let Some(ty) = (match op.outputs[o].ty {
+            PortType::T => t,
+            other => Some(other.resolve(elem)),
+        }) else {
+            continue;
+        };
         // SAFETY: ctx is live; write_output creates and releases its own info.
         unsafe { write_output(ctx, o, ty, &dims) };
     }
