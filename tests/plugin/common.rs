@@ -47,7 +47,13 @@ pub fn env() -> &'static Environment {
 }
 
 /// A CPU session of `model` with the plugin registered.
+///
+/// Session creation is serialised: ORT adds a custom domain to ONNX's process-global
+/// domain-version map with a check-then-insert that races when two sessions register the same
+/// custom-op domain at once ("domain is already exist").
 pub fn session(model: &[u8]) -> ort::Result<Session> {
+    static CREATE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = CREATE.lock().unwrap_or_else(|e| e.into_inner());
     Ok(Session::builder(env())?.with_intra_threads(2)?.with_operator_library(plugin_path())?.commit_from_memory(model)?)
 }
 

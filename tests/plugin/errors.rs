@@ -89,7 +89,6 @@ fn prefill_rejects_bad_ranks_and_mismatched_dims() {
         ("key", &[1, 4, 2, 7], &["input 'key'", "'query' has Dk = 8"]),
         ("value", &[1, 3, 2, 6], &["input 'value'", "S = 4"]),
         ("value", &[1, 4, 1, 6], &["input 'value'", "'key' has Hkv = 2"]),
-        ("key", &[1, 4, 0, 8], &["input 'key'", "Hkv must be ≥ 1"]),
     ];
     for (name, dims, needles) in cases {
         let mut f = prefill_feeds();
@@ -100,6 +99,10 @@ fn prefill_rejects_bad_ranks_and_mismatched_dims() {
     set(&mut f, "key", &[1, 4, 3, 8]);
     set(&mut f, "value", &[1, 4, 3, 6]);
     expect(&error_of(&POWER_RETENTION, &f, PRE_OUT, &[], 0), &["Hq = 4", "Hkv = 3", "multiple"]);
+    let mut f = prefill_feeds();
+    set(&mut f, "key", &[1, 4, 0, 8]);
+    set(&mut f, "value", &[1, 4, 0, 6]);
+    expect(&error_of(&POWER_RETENTION, &f, PRE_OUT, &[], 0), &["input 'key'", "Hkv must be ≥ 1"]);
     let mut f = prefill_feeds();
     for n in ["query", "key"] {
         set(&mut f, n, &[1, 4, if n == "query" { 4 } else { 2 }, 0]);
