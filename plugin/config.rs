@@ -38,11 +38,24 @@ impl Config {
                 got: deg.to_string(),
             });
         }
-        let scale = if op.attribute("scale").is_some() { src.float("scale")?.unwrap_or(0.0) } else { 0.0 };
+        let scale = if op.attribute("scale").is_some() {
+            src.float("scale")?.unwrap_or(0.0)
+        } else {
+            0.0
+        };
         if !scale.is_finite() {
-            return Err(Error::Attribute { op: op.name, name: "scale", expected: "a finite float (0 = 1/sqrt(Dk))".into(), got: scale.to_string() });
+            return Err(Error::Attribute {
+                op: op.name,
+                name: "scale",
+                expected: "a finite float (0 = 1/sqrt(Dk))".into(),
+                got: scale.to_string(),
+            });
         }
-        let chunk_size = if op.attribute("chunk_size").is_some() { int("chunk_size")? } else { 64 };
+        let chunk_size = if op.attribute("chunk_size").is_some() {
+            int("chunk_size")?
+        } else {
+            64
+        };
         if !(1..=1 << 16).contains(&chunk_size) {
             return Err(Error::Attribute {
                 op: op.name,
@@ -51,7 +64,11 @@ impl Config {
                 got: chunk_size.to_string(),
             });
         }
-        Ok(Config { deg: deg as usize, scale, chunk_size: chunk_size as usize })
+        Ok(Config {
+            deg: deg as usize,
+            scale,
+            chunk_size: chunk_size as usize,
+        })
     }
 
     /// The scale actually applied for key head dim `dk` (the package's rule: 0 means default).
@@ -86,14 +103,27 @@ mod tests {
 
     #[test]
     fn defaults_come_from_the_op_table() {
-        assert_eq!(cfg(&[]).unwrap(), Config { deg: 2, scale: 0.0, chunk_size: 64 });
+        assert_eq!(
+            cfg(&[]).unwrap(),
+            Config {
+                deg: 2,
+                scale: 0.0,
+                chunk_size: 64
+            }
+        );
         let step = Config::from_attributes(&POWER_RETENTION_STEP, &Attrs(HashMap::new())).unwrap();
         assert_eq!(step.deg, 2);
     }
 
     #[test]
     fn bad_attributes_are_named_in_the_error() {
-        for (name, v) in [("deg", 3.0), ("deg", 0.0), ("chunk_size", 0.0), ("scale", f64::NAN), ("scale", f64::INFINITY)] {
+        for (name, v) in [
+            ("deg", 3.0),
+            ("deg", 0.0),
+            ("chunk_size", 0.0),
+            ("scale", f64::NAN),
+            ("scale", f64::INFINITY),
+        ] {
             let e = cfg(&[(name, v)]).unwrap_err().to_string();
             assert!(e.contains(&format!("attribute '{name}'")), "{e}");
         }

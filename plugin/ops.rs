@@ -45,7 +45,10 @@ pub fn compute(k: &Kernel, ctx: &mut ComputeContext<'_>) -> Result<()> {
         ElemType::F32 => compute_typed::<f32>(k, dims, ctx),
         ElemType::F16 => compute_typed::<f16>(k, dims, ctx),
         ElemType::BF16 => compute_typed::<bf16>(k, dims, ctx),
-        ElemType::I64 => Err(Error::Constraint { op: k.op.name, what: "internal: int64 is not a model dtype".into() }),
+        ElemType::I64 => Err(Error::Constraint {
+            op: k.op.name,
+            what: "internal: int64 is not a model dtype".into(),
+        }),
     }
 }
 
@@ -53,12 +56,19 @@ fn compute_typed<T: Element>(k: &Kernel, dims: Dims, ctx: &mut ComputeContext<'_
     match k.ep {
         Ep::Cpu if std::ptr::eq(k.op, &POWER_RETENTION) => prefill_cpu::<T>(k, dims, ctx),
         Ep::Cpu if std::ptr::eq(k.op, &POWER_RETENTION_STEP) => decode_cpu::<T>(k, dims, ctx),
-        Ep::Cpu => Err(Error::Constraint { op: k.op.name, what: "internal: op without a CPU kernel".into() }),
+        Ep::Cpu => Err(Error::Constraint {
+            op: k.op.name,
+            what: "internal: op without a CPU kernel".into(),
+        }),
     }
 }
 
 fn required<'a, T>(op: &OpSchema, port: usize, x: Option<&'a [T]>) -> Result<&'a [T]> {
-    x.ok_or(Error::MissingInput { op: op.name, input: op.inputs[port].name, because: String::new() })
+    x.ok_or(Error::MissingInput {
+        op: op.name,
+        input: op.inputs[port].name,
+        because: String::new(),
+    })
 }
 
 fn shape(dims: &Dims, op: &OpSchema, output: usize) -> Vec<i64> {
@@ -90,8 +100,14 @@ fn prefill_cpu<T: Element>(k: &Kernel, dims: Dims, ctx: &mut ComputeContext<'_>)
     };
     let outs = cpu::prefill::PrefillOutputs {
         output,
-        present_state: ctx.output::<f32>(prefill::PRESENT_STATE, &shape(&dims, op, prefill::PRESENT_STATE))?,
-        present_sum_of_keys: ctx.output::<f32>(prefill::PRESENT_SUM_OF_KEYS, &shape(&dims, op, prefill::PRESENT_SUM_OF_KEYS))?,
+        present_state: ctx.output::<f32>(
+            prefill::PRESENT_STATE,
+            &shape(&dims, op, prefill::PRESENT_STATE),
+        )?,
+        present_sum_of_keys: ctx.output::<f32>(
+            prefill::PRESENT_SUM_OF_KEYS,
+            &shape(&dims, op, prefill::PRESENT_SUM_OF_KEYS),
+        )?,
     };
     cpu::prefill::prefill(&args, outs, &ctx.parallel());
     Ok(())
@@ -112,19 +128,41 @@ impl<T> Buf<'_, T> {
     }
 }
 
-fn in_place<'a, T: TensorElement>(ctx: &mut ComputeContext<'a>, op: &OpSchema, input: usize, output: usize, dims: &Dims) -> Result<Buf<'a, T>> {
+fn in_place<'a, T: TensorElement>(
+    ctx: &mut ComputeContext<'a>,
+    op: &OpSchema,
+    input: usize,
+    output: usize,
+    dims: &Dims,
+) -> Result<Buf<'a, T>> {
     match ctx.in_place::<T>(input, output, &shape(dims, op, output))? {
         Some(s) => Ok(Buf::Ort(s)),
-        None => Ok(Buf::Own(required(op, input, ctx.input::<T>(input)?)?.to_vec())),
+        None => Ok(Buf::Own(
+            required(op, input, ctx.input::<T>(input)?)?.to_vec(),
+        )),
     }
 }
 
 fn decode_cpu<T: Element>(k: &Kernel, dims: Dims, ctx: &mut ComputeContext<'_>) -> Result<()> {
     let op = k.op;
     // Copied out first: the in-place output below may reuse this very buffer.
-    let lengths: Vec<i64> = required(op, decode::CACHE_LENGTH, ctx.input::<i64>(decode::CACHE_LENGTH)?)?.to_vec();
-    if let Some((batch, &value)) = lengths.iter().enumerate().find(|(_, &l)| l < 0 || l as usize > dims.c) {
-        return Err(Error::CacheLength { op: op.name, batch, value, capacity: dims.c });
+    let lengths: Vec<i64> = required(
+        op,
+        decode::CACHE_LENGTH,
+        ctx.input::<i64>(decode::CACHE_LENGTH)?,
+    )?
+    .to_vec();
+    if let Some((batch, &value)) = lengths
+        .iter()
+        .enumerate()
+        .find(|(_, &l)| l < 0 || l as usize > dims.c)
+    {
+        return Err(Error::CacheLength {
+            op: op.name,
+            batch,
+            value,
+            capacity: dims.c,
+        });
     }
     let args = cpu::decode::DecodeArgs {
         dims,
@@ -135,14 +173,44 @@ fn decode_cpu<T: Element>(k: &Kernel, dims: Dims, ctx: &mut ComputeContext<'_>) 
         log_gate: ctx.input::<f32>(decode::LOG_GATE)?,
     };
     let mut state = in_place::<f32>(ctx, op, decode::PAST_STATE, decode::PRESENT_STATE, &dims)?;
-    let mut sum = in_place::<f32>(ctx, op, decode::PAST_SUM_OF_KEYS, decode::PRESENT_SUM_OF_KEYS, &dims)?;
-    let mut kc = in_place::<T>(ctx, op, decode::PAST_KEY_CACHE, decode::PRESENT_KEY_CACHE, &dims)?;
-    let mut vc = in_place::<T>(ctx, op, decode::PAST_VALUE_CACHE, decode::PRESENT_VALUE_CACHE, &dims)?;
+    let mut sum = in_place::<f32>(
+        ctx,
+        op,
+        decode::PAST_SUM_OF_KEYS,
+        decode::PRESENT_SUM_OF_KEYS,
+        &dims,
+    )?;
+    let mut kc = in_place::<T>(
+        ctx,
+        op,
+        decode::PAST_KEY_CACHE,
+        decode::PRESENT_KEY_CACHE,
+        &dims,
+    )?;
+    let mut vc = in_place::<T>(
+        ctx,
+        op,
+        decode::PAST_VALUE_CACHE,
+        decode::PRESENT_VALUE_CACHE,
+        &dims,
+    )?;
     let mut gc = match args.log_gate {
-        Some(_) => Some(in_place::<f32>(ctx, op, decode::PAST_LOG_GATE_CACHE, decode::PRESENT_LOG_GATE_CACHE, &dims)?),
+        Some(_) => Some(in_place::<f32>(
+            ctx,
+            op,
+            decode::PAST_LOG_GATE_CACHE,
+            decode::PRESENT_LOG_GATE_CACHE,
+            &dims,
+        )?),
         None => None,
     };
-    let mut len = in_place::<i64>(ctx, op, decode::CACHE_LENGTH, decode::PRESENT_CACHE_LENGTH, &dims)?;
+    let mut len = in_place::<i64>(
+        ctx,
+        op,
+        decode::CACHE_LENGTH,
+        decode::PRESENT_CACHE_LENGTH,
+        &dims,
+    )?;
     let mut scratch = Vec::new();
     let output = match ctx.output::<T>(decode::OUTPUT, &shape(&dims, op, decode::OUTPUT))? {
         Some(o) => o,

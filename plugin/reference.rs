@@ -35,7 +35,15 @@ pub fn recurrent(
     past_state: Option<&[f64]>,
     past_sum: Option<&[f64]>,
 ) -> RecurrentOut {
-    let Dims { b, s, hq, hkv, dk, dv, .. } = dims;
+    let Dims {
+        b,
+        s,
+        hq,
+        hkv,
+        dk,
+        dv,
+        ..
+    } = dims;
     let d = dk * (dk + 1) / 2;
     let r = hq / hkv;
     let mut output = vec![0.0; b * s * hq * dv];
@@ -70,14 +78,34 @@ pub fn recurrent(
             }
         }
     }
-    RecurrentOut { output, state, sum_of_keys: sum }
+    RecurrentOut {
+        output,
+        state,
+        sum_of_keys: sum,
+    }
 }
 
 /// The dense contract for any even `deg` (no state): `y_i = Σ_j w_ij v_j / Σ_j w_ij`,
 /// `w_ij = (scale·q_i·k_j)^deg · exp(G_i − G_j)`.
 #[allow(clippy::too_many_arguments)]
-pub fn dense(dims: Dims, deg: usize, scale: f64, q: &[f64], k: &[f64], v: &[f64], log_gate: Option<&[f64]>) -> Vec<f64> {
-    let Dims { b, s, hq, hkv, dk, dv, .. } = dims;
+pub fn dense(
+    dims: Dims,
+    deg: usize,
+    scale: f64,
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    log_gate: Option<&[f64]>,
+) -> Vec<f64> {
+    let Dims {
+        b,
+        s,
+        hq,
+        hkv,
+        dk,
+        dv,
+        ..
+    } = dims;
     let r = hq / hkv;
     let mut out = vec![0.0; b * s * hq * dv];
     for bi in 0..b {
@@ -119,7 +147,16 @@ mod tests {
 
     #[test]
     fn recurrence_equals_dense_for_deg_two() {
-        let dims = Dims { b: 2, s: 9, hq: 4, hkv: 2, dk: 5, dv: 3, d: 15, c: 0 };
+        let dims = Dims {
+            b: 2,
+            s: 9,
+            hq: 4,
+            hkv: 2,
+            dk: 5,
+            dv: 3,
+            d: 15,
+            c: 0,
+        };
         let mut x = 0.37f64;
         let mut rnd = |n: usize| -> Vec<f64> {
             (0..n)

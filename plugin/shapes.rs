@@ -53,8 +53,16 @@ impl Dims {
 
 /// True when the op must carry a state of expanded dim D (and therefore needs deg 2).
 fn uses_state(op: &OpSchema, present: &[bool], outputs_requested: &[bool]) -> bool {
-    let any_in = op.inputs.iter().zip(present).any(|(p, &on)| on && p.shape.contains(&Dim::D));
-    let any_out = op.outputs.iter().zip(outputs_requested).any(|(p, &on)| on && p.shape.contains(&Dim::D));
+    let any_in = op
+        .inputs
+        .iter()
+        .zip(present)
+        .any(|(p, &on)| on && p.shape.contains(&Dim::D));
+    let any_out = op
+        .outputs
+        .iter()
+        .zip(outputs_requested)
+        .any(|(p, &on)| on && p.shape.contains(&Dim::D));
     any_in || any_out
 }
 
@@ -69,10 +77,16 @@ pub fn validate(
     inputs: &[Option<InputMeta<'_>>],
     outputs_requested: &[bool],
 ) -> Result<Dims> {
-    let present: Vec<bool> = (0..op.inputs.len()).map(|i| inputs.get(i).is_some_and(|x| x.is_some())).collect();
+    let present: Vec<bool> = (0..op.inputs.len())
+        .map(|i| inputs.get(i).is_some_and(|x| x.is_some()))
+        .collect();
     for (i, port) in op.inputs.iter().enumerate() {
         if !port.optional && !present[i] {
-            return Err(Error::MissingInput { op: op.name, input: port.name, because: String::new() });
+            return Err(Error::MissingInput {
+                op: op.name,
+                input: port.name,
+                because: String::new(),
+            });
         }
     }
     for &(a, b) in op.together {
@@ -81,7 +95,10 @@ pub fn validate(
             return Err(Error::MissingInput {
                 op: op.name,
                 input: op.inputs[missing].name,
-                because: format!(" because '{}' is given (they go together)", op.inputs[given].name),
+                because: format!(
+                    " because '{}' is given (they go together)",
+                    op.inputs[given].name
+                ),
             });
         }
     }
@@ -89,7 +106,10 @@ pub fn validate(
         if outputs_requested.get(o).copied().unwrap_or(false) && !present[i] {
             return Err(Error::InputCombination {
                 op: op.name,
-                what: format!("output '{}' can only be produced when input '{}' is given", op.outputs[o].name, op.inputs[i].name),
+                what: format!(
+                    "output '{}' can only be produced when input '{}' is given",
+                    op.outputs[o].name, op.inputs[i].name
+                ),
             });
         }
     }
@@ -100,7 +120,11 @@ pub fn validate(
                 return Err(Error::ElementType {
                     op: op.name,
                     input: port.name,
-                    expected: if port.ty == PortType::T { t.name() } else { want.name() },
+                    expected: if port.ty == PortType::T {
+                        t.name()
+                    } else {
+                        want.name()
+                    },
                     got: meta.elem.name().into(),
                 });
             }
@@ -119,7 +143,9 @@ pub fn validate(
     // Bind every named dim from the first input that carries it.
     let mut bound: [Option<(i64, &'static str)>; 8] = [None; 8];
     for (i, port) in op.inputs.iter().enumerate() {
-        let Some(Some(meta)) = inputs.get(i) else { continue };
+        let Some(Some(meta)) = inputs.get(i) else {
+            continue;
+        };
         if meta.dims.len() != port.shape.len() {
             return Err(Error::Rank {
                 op: op.name,
@@ -137,20 +163,49 @@ pub fn validate(
             match bound[sym.index()] {
                 None => bound[sym.index()] = Some((got, port.name)),
                 Some((want, from)) if want != got => {
-                    return Err(dim_error(op, port.name, port.shape, meta.dims, &bound, axis, sym, got, format!(", but '{from}' has {} = {want}", sym.symbol())));
+                    return Err(dim_error(
+                        op,
+                        port.name,
+                        port.shape,
+                        meta.dims,
+                        &bound,
+                        axis,
+                        sym,
+                        got,
+                        format!(", but '{from}' has {} = {want}", sym.symbol()),
+                    ));
                 }
                 Some(_) => {}
             }
         }
     }
     let val = |d: Dim| bound[d.index()].map(|(v, _)| v);
-    let (b, s, hq, hkv, dk, dv) = (val(Dim::B), val(Dim::S), val(Dim::Hq), val(Dim::Hkv), val(Dim::Dk), val(Dim::Dv));
-    let (Some(b), Some(s), Some(hq), Some(hkv), Some(dk), Some(dv)) = (b, s, hq, hkv, dk, dv) else {
-        return Err(Error::Constraint { op: op.name, what: "query, key and value must all be given".into() });
+    let (b, s, hq, hkv, dk, dv) = (
+        val(Dim::B),
+        val(Dim::S),
+        val(Dim::Hq),
+        val(Dim::Hkv),
+        val(Dim::Dk),
+        val(Dim::Dv),
+    );
+    let (Some(b), Some(s), Some(hq), Some(hkv), Some(dk), Some(dv)) = (b, s, hq, hkv, dk, dv)
+    else {
+        return Err(Error::Constraint {
+            op: op.name,
+            what: "query, key and value must all be given".into(),
+        });
     };
-    for (sym, v, from) in [(Dim::Hq, hq, "query"), (Dim::Hkv, hkv, "key"), (Dim::Dk, dk, "key"), (Dim::Dv, dv, "value")] {
+    for (sym, v, from) in [
+        (Dim::Hq, hq, "query"),
+        (Dim::Hkv, hkv, "key"),
+        (Dim::Dk, dk, "key"),
+        (Dim::Dv, dv, "value"),
+    ] {
         if v < 1 {
-            return Err(Error::Constraint { op: op.name, what: format!("input '{from}': {} must be ≥ 1, got {v}", sym.symbol()) });
+            return Err(Error::Constraint {
+                op: op.name,
+                what: format!("input '{from}': {} must be ≥ 1, got {v}", sym.symbol()),
+            });
         }
     }
     if hq % hkv != 0 {
@@ -161,9 +216,16 @@ pub fn validate(
     }
     let c = val(Dim::C).unwrap_or(0);
     if op.inputs.iter().any(|p| p.shape.contains(&Dim::C)) {
-        let cache = op.inputs.iter().find(|p| p.shape.contains(&Dim::C)).map_or("cache", |p| p.name);
+        let cache = op
+            .inputs
+            .iter()
+            .find(|p| p.shape.contains(&Dim::C))
+            .map_or("cache", |p| p.name);
         if c < 1 {
-            return Err(Error::Constraint { op: op.name, what: format!("input '{cache}': cache capacity C must be ≥ 1, got {c}") });
+            return Err(Error::Constraint {
+                op: op.name,
+                what: format!("input '{cache}': cache capacity C must be ≥ 1, got {c}"),
+            });
         }
         if s < 1 || s > c {
             return Err(Error::Constraint {
@@ -174,13 +236,18 @@ pub fn validate(
     }
     // The chunked deg-2 algorithm always carries a state internally; other degrees never do.
     let d = if state || cfg.deg == 2 {
-        expanded_dim(dk as usize, cfg.deg).ok_or_else(|| Error::Constraint { op: op.name, what: format!("expanded dim for Dk = {dk} overflows") })?
+        expanded_dim(dk as usize, cfg.deg).ok_or_else(|| Error::Constraint {
+            op: op.name,
+            what: format!("expanded dim for Dk = {dk} overflows"),
+        })?
     } else {
         0
     };
     // The expanded dim is derived from Dk; check every port that carries it.
     for (i, port) in op.inputs.iter().enumerate() {
-        let Some(Some(meta)) = inputs.get(i) else { continue };
+        let Some(Some(meta)) = inputs.get(i) else {
+            continue;
+        };
         if let Some(axis) = port.shape.iter().position(|&x| x == Dim::D) {
             if meta.dims[axis] != d as i64 {
                 bound[Dim::D.index()] = Some((d as i64, "Dk"));
@@ -198,7 +265,16 @@ pub fn validate(
             }
         }
     }
-    Ok(Dims { b: b as usize, s: s as usize, hq: hq as usize, hkv: hkv as usize, dk: dk as usize, dv: dv as usize, d, c: c as usize })
+    Ok(Dims {
+        b: b as usize,
+        s: s as usize,
+        hq: hq as usize,
+        hkv: hkv as usize,
+        dk: dk as usize,
+        dv: dv as usize,
+        d,
+        c: c as usize,
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -213,9 +289,11 @@ fn dim_error(
     got: i64,
     why: String,
 ) -> Error {
-    let expected: Vec<String> =
-        shape.iter().map(|d| bound[d.index()].map_or_else(|| "?".to_string(), |(v, _)| v.to_string())).collect();
-    Error::Dim {
+    let expected: Vec<String> = shape
+        .iter()
+        .map(|d| bound[d.index()].map_or_else(|| "?".to_string(), |(v, _)| v.to_string()))
+        .collect();
+    Error::Dim(Box::new(crate::error::DimMismatch {
         op: op.name,
         input,
         shape: OpSchema::shape_text(shape),
@@ -225,7 +303,7 @@ fn dim_error(
         symbol: symbol.symbol(),
         got,
         why,
-    }
+    }))
 }
 
 /// A dimension as shape inference sees it.
@@ -238,19 +316,25 @@ pub enum DimExpr {
 
 /// Output shapes from (possibly symbolic) input shapes: each named dim is copied from the first
 /// present input that carries it; `D` is computed from a known `Dk`.
-pub fn infer_output_shapes(op: &OpSchema, deg: usize, inputs: &[Option<Vec<DimExpr>>]) -> Vec<Vec<DimExpr>> {
+pub fn infer_output_shapes(
+    op: &OpSchema,
+    deg: usize,
+    inputs: &[Option<Vec<DimExpr>>],
+) -> Vec<Vec<DimExpr>> {
     let find = |sym: Dim| -> DimExpr {
         if sym == Dim::D {
             return match find_dim(op, inputs, Dim::Dk) {
-                DimExpr::Known(dk) if dk > 0 => {
-                    expanded_dim(dk as usize, deg).map_or(DimExpr::Unknown, |d| DimExpr::Known(d as i64))
-                }
+                DimExpr::Known(dk) if dk > 0 => expanded_dim(dk as usize, deg)
+                    .map_or(DimExpr::Unknown, |d| DimExpr::Known(d as i64)),
                 _ => find_dim(op, inputs, Dim::D),
             };
         }
         find_dim(op, inputs, sym)
     };
-    op.outputs.iter().map(|port| port.shape.iter().map(|&d| find(d)).collect()).collect()
+    op.outputs
+        .iter()
+        .map(|port| port.shape.iter().map(|&d| find(d)).collect())
+        .collect()
 }
 
 fn find_dim(op: &OpSchema, inputs: &[Option<Vec<DimExpr>>], sym: Dim) -> DimExpr {
@@ -273,7 +357,11 @@ mod tests {
     use super::*;
     use crate::schema::{decode, prefill, POWER_RETENTION, POWER_RETENTION_STEP};
 
-    const CFG: Config = Config { deg: 2, scale: 0.0, chunk_size: 64 };
+    const CFG: Config = Config {
+        deg: 2,
+        scale: 0.0,
+        chunk_size: 64,
+    };
 
     fn meta(dims: &[i64], elem: ElemType) -> Option<InputMeta<'_>> {
         Some(InputMeta { dims, elem })
@@ -282,25 +370,87 @@ mod tests {
     #[test]
     fn gqa_prefill_binds_all_dims() {
         let (q, k, v) = ([2, 7, 8, 32], [2, 7, 2, 32], [2, 7, 2, 16]);
-        let ins = [meta(&q, ElemType::F16), meta(&k, ElemType::F16), meta(&v, ElemType::F16), None, None, None];
-        let d = validate(&POWER_RETENTION, &CFG, ElemType::F16, &ins, &[true, true, false]).unwrap();
-        assert_eq!(d, Dims { b: 2, s: 7, hq: 8, hkv: 2, dk: 32, dv: 16, d: 528, c: 0 });
+        let ins = [
+            meta(&q, ElemType::F16),
+            meta(&k, ElemType::F16),
+            meta(&v, ElemType::F16),
+            None,
+            None,
+            None,
+        ];
+        let d = validate(
+            &POWER_RETENTION,
+            &CFG,
+            ElemType::F16,
+            &ins,
+            &[true, true, false],
+        )
+        .unwrap();
+        assert_eq!(
+            d,
+            Dims {
+                b: 2,
+                s: 7,
+                hq: 8,
+                hkv: 2,
+                dk: 32,
+                dv: 16,
+                d: 528,
+                c: 0
+            }
+        );
     }
 
     #[test]
     fn mismatched_sequence_length_names_both_inputs() {
         let (q, k, v) = ([2, 7, 4, 32], [2, 8, 4, 32], [2, 7, 4, 32]);
-        let ins = [meta(&q, ElemType::F32), meta(&k, ElemType::F32), meta(&v, ElemType::F32), None, None, None];
-        let e = validate(&POWER_RETENTION, &CFG, ElemType::F32, &ins, &[true, false, false]).unwrap_err().to_string();
-        assert!(e.contains("input 'key'") && e.contains("'query' has S = 7"), "{e}");
+        let ins = [
+            meta(&q, ElemType::F32),
+            meta(&k, ElemType::F32),
+            meta(&v, ElemType::F32),
+            None,
+            None,
+            None,
+        ];
+        let e = validate(
+            &POWER_RETENTION,
+            &CFG,
+            ElemType::F32,
+            &ins,
+            &[true, false, false],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("input 'key'") && e.contains("'query' has S = 7"),
+            "{e}"
+        );
     }
 
     #[test]
     fn state_with_wrong_expanded_dim_explains_the_layout() {
         let (q, st, sk) = ([1, 3, 2, 8], [1, 2, 64, 8], [1, 2, 36]);
-        let ins = [meta(&q, ElemType::F32), meta(&q, ElemType::F32), meta(&q, ElemType::F32), None, meta(&st, ElemType::F32), meta(&sk, ElemType::F32)];
-        let e = validate(&POWER_RETENTION, &CFG, ElemType::F32, &ins, &[true, false, false]).unwrap_err().to_string();
-        assert!(e.contains("input 'past_state'") && e.contains("D = Dk(Dk+1)/2 = 36"), "{e}");
+        let ins = [
+            meta(&q, ElemType::F32),
+            meta(&q, ElemType::F32),
+            meta(&q, ElemType::F32),
+            None,
+            meta(&st, ElemType::F32),
+            meta(&sk, ElemType::F32),
+        ];
+        let e = validate(
+            &POWER_RETENTION,
+            &CFG,
+            ElemType::F32,
+            &ins,
+            &[true, false, false],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("input 'past_state'") && e.contains("D = Dk(Dk+1)/2 = 36"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -313,7 +463,10 @@ mod tests {
         ins[decode::PAST_KEY_CACHE] = Some(vec![sym("batch"), k(16), k(4), k(64)]);
         let out = infer_output_shapes(&POWER_RETENTION_STEP, 2, &ins);
         assert_eq!(out[decode::OUTPUT], vec![sym("batch"), k(1), k(4), k(32)]);
-        assert_eq!(out[decode::PRESENT_STATE], vec![sym("batch"), k(4), k(2080), k(32)]);
+        assert_eq!(
+            out[decode::PRESENT_STATE],
+            vec![sym("batch"), k(4), k(2080), k(32)]
+        );
         assert_eq!(out[decode::PRESENT_KEY_CACHE][1], k(16));
         let _ = prefill::OUTPUT;
     }

@@ -32,13 +32,30 @@ pub struct DecodeBuffers<'a, T> {
     pub cache_length: &'a mut [i64],
 }
 
-pub fn decode<T: Element>(a: &DecodeArgs<'_, T>, mut buf: DecodeBuffers<'_, T>, par: &dyn Parallel) {
-    let Dims { b, s, hq, hkv, dk, dv, d, c } = a.dims;
+pub fn decode<T: Element>(
+    a: &DecodeArgs<'_, T>,
+    mut buf: DecodeBuffers<'_, T>,
+    par: &dyn Parallel,
+) {
+    let Dims {
+        b,
+        s,
+        hq,
+        hkv,
+        dk,
+        dv,
+        d,
+        c,
+    } = a.dims;
     let r = a.dims.group();
     let items = b * hkv;
     let lengths: Vec<usize> = buf.cache_length.iter().map(|&l| l as usize).collect();
-    let states: Vec<Mutex<(&mut [f32], &mut [f32])>> =
-        buf.state.chunks_mut(d * dv).zip(buf.sum_of_keys.chunks_mut(d)).map(Mutex::new).collect();
+    let states: Vec<Mutex<(&mut [f32], &mut [f32])>> = buf
+        .state
+        .chunks_mut(d * dv)
+        .zip(buf.sum_of_keys.chunks_mut(d))
+        .map(Mutex::new)
+        .collect();
     let results: Vec<Mutex<Vec<f32>>> = (0..items).map(|_| Mutex::new(Vec::new())).collect();
     {
         let key_cache: &[T] = buf.key_cache;
@@ -53,10 +70,42 @@ pub fn decode<T: Element>(a: &DecodeArgs<'_, T>, mut buf: DecodeBuffers<'_, T>, 
             let mut wk = vec![0.0f32; n * dk];
             let mut wv = vec![0.0f32; n * w];
             let mut gam = vec![0.0f32; n];
-            gather(key_cache, bi * c * hkv * dk + h * dk, hkv * dk, l, dk, &mut wk, dk);
-            gather(a.key, bi * s * hkv * dk + h * dk, hkv * dk, s, dk, &mut wk[l * dk..], dk);
-            gather(value_cache, bi * c * hkv * dv + h * dv, hkv * dv, l, dv, &mut wv, w);
-            gather(a.value, bi * s * hkv * dv + h * dv, hkv * dv, s, dv, &mut wv[l * w..], w);
+            gather(
+                key_cache,
+                bi * c * hkv * dk + h * dk,
+                hkv * dk,
+                l,
+                dk,
+                &mut wk,
+                dk,
+            );
+            gather(
+                a.key,
+                bi * s * hkv * dk + h * dk,
+                hkv * dk,
+                s,
+                dk,
+                &mut wk[l * dk..],
+                dk,
+            );
+            gather(
+                value_cache,
+                bi * c * hkv * dv + h * dv,
+                hkv * dv,
+                l,
+                dv,
+                &mut wv,
+                w,
+            );
+            gather(
+                a.value,
+                bi * s * hkv * dv + h * dv,
+                hkv * dv,
+                s,
+                dv,
+                &mut wv[l * w..],
+                w,
+            );
             for j in 0..n {
                 wv[j * w + dv] = 1.0;
             }
@@ -74,18 +123,42 @@ pub fn decode<T: Element>(a: &DecodeArgs<'_, T>, mut buf: DecodeBuffers<'_, T>, 
             let rows = r * s;
             let mut qs = vec![0.0f32; rows * dk];
             for g in 0..r {
-                gather(a.query, bi * s * hq * dk + (h * r + g) * dk, hq * dk, s, dk, &mut qs[g * s * dk..], dk);
+                gather(
+                    a.query,
+                    bi * s * hq * dk + (h * r + g) * dk,
+                    hq * dk,
+                    s,
+                    dk,
+                    &mut qs[g * s * dk..],
+                    dk,
+                );
             }
             let mut scores = vec![0.0f32; rows * n];
-            gemm(1.0, MatRef::new(&qs, rows, dk, dk), MatRef::new(&wk, n, dk, dk).t(), 0.0, MatMut::new(&mut scores, rows, n, n));
+            gemm(
+                1.0,
+                MatRef::new(&qs, rows, dk, dk),
+                MatRef::new(&wk, n, dk, dk).t(),
+                0.0,
+                MatMut::new(&mut scores, rows, n, n),
+            );
             for row in 0..rows {
                 let pos = l + row % s;
                 for (j, x) in scores[row * n..(row + 1) * n].iter_mut().enumerate() {
-                    *x = if j <= pos { weight(a.scale * *x, 2, (gam[pos] - gam[j]).exp()) } else { 0.0 };
+                    *x = if j <= pos {
+                        weight(a.scale * *x, 2, (gam[pos] - gam[j]).exp())
+                    } else {
+                        0.0
+                    };
                 }
             }
             let mut nd = vec![0.0f32; rows * w];
-            gemm(1.0, MatRef::new(&scores, rows, n, n), MatRef::new(&wv, n, w, w), 0.0, MatMut::new(&mut nd, rows, w, w));
+            gemm(
+                1.0,
+                MatRef::new(&scores, rows, n, n),
+                MatRef::new(&wv, n, w, w),
+                0.0,
+                MatMut::new(&mut nd, rows, w, w),
+            );
 
             let mut guard = states[item].lock().unwrap_or_else(|e| e.into_inner());
             let (state, sum) = &mut *guard;
@@ -93,11 +166,28 @@ pub fn decode<T: Element>(a: &DecodeArgs<'_, T>, mut buf: DecodeBuffers<'_, T>, 
             let mut phi = vec![0.0f32; rows.max(n) * d];
             for row in 0..rows {
                 let pos = l + row % s;
-                expand(&qs[row * dk..(row + 1) * dk], 1.0, sp * gam[pos].exp(), &mut phi[row * d..(row + 1) * d]);
+                expand(
+                    &qs[row * dk..(row + 1) * dk],
+                    1.0,
+                    sp * gam[pos].exp(),
+                    &mut phi[row * d..(row + 1) * d],
+                );
             }
             let mut sn = vec![0.0f32; rows * w];
-            gemm(1.0, MatRef::new(&phi, rows, d, d), MatRef::new(state, d, dv, dv), 0.0, MatMut::new(&mut sn, rows, dv, w));
-            gemm(1.0, MatRef::new(&phi, rows, d, d), MatRef::new(sum, d, 1, 1), 0.0, MatMut::new(&mut sn[dv..], rows, 1, w));
+            gemm(
+                1.0,
+                MatRef::new(&phi, rows, d, d),
+                MatRef::new(state, d, dv, dv),
+                0.0,
+                MatMut::new(&mut sn, rows, dv, w),
+            );
+            gemm(
+                1.0,
+                MatRef::new(&phi, rows, d, d),
+                MatRef::new(sum, d, 1, 1),
+                0.0,
+                MatMut::new(&mut sn[dv..], rows, 1, w),
+            );
             let mut y = vec![0.0f32; rows * dv];
             for row in 0..rows {
                 let (g, i) = (row / s, row % s);
@@ -110,10 +200,27 @@ pub fn decode<T: Element>(a: &DecodeArgs<'_, T>, mut buf: DecodeBuffers<'_, T>, 
                 // Fold the whole window; the window gate sum restarts at zero afterwards.
                 let end = gam[n - 1];
                 for j in 0..n {
-                    expand(&wk[j * dk..(j + 1) * dk], 2.0, (end - gam[j]).exp(), &mut phi[j * d..(j + 1) * d]);
+                    expand(
+                        &wk[j * dk..(j + 1) * dk],
+                        2.0,
+                        (end - gam[j]).exp(),
+                        &mut phi[j * d..(j + 1) * d],
+                    );
                 }
-                gemm(1.0, MatRef::new(&phi, n, d, d).t(), MatRef::new(&wv, n, dv, w), end.exp(), MatMut::new(state, d, dv, dv));
-                gemm(1.0, MatRef::new(&phi, n, d, d).t(), MatRef::strided(&wv[dv..], n, 1, w, 1), end.exp(), MatMut::new(sum, d, 1, 1));
+                gemm(
+                    1.0,
+                    MatRef::new(&phi, n, d, d).t(),
+                    MatRef::new(&wv, n, dv, w),
+                    end.exp(),
+                    MatMut::new(state, d, dv, dv),
+                );
+                gemm(
+                    1.0,
+                    MatRef::new(&phi, n, d, d).t(),
+                    MatRef::strided(&wv[dv..], n, 1, w, 1),
+                    end.exp(),
+                    MatMut::new(sum, d, 1, 1),
+                );
             }
             *results[item].lock().unwrap_or_else(|e| e.into_inner()) = y;
         });
@@ -123,13 +230,15 @@ pub fn decode<T: Element>(a: &DecodeArgs<'_, T>, mut buf: DecodeBuffers<'_, T>, 
         let (bi, h) = (item / hkv, item % hkv);
         for i in 0..s {
             let dst = ((bi * s + i) * hq + h * r) * dv;
-            for (o, &x) in buf.output[dst..dst + r * dv].iter_mut().zip(&y[i * r * dv..(i + 1) * r * dv]) {
+            for (o, &x) in buf.output[dst..dst + r * dv]
+                .iter_mut()
+                .zip(&y[i * r * dv..(i + 1) * r * dv])
+            {
                 *o = T::from_f32(x);
             }
         }
     }
-    for bi in 0..b {
-        let l = lengths[bi];
+    for (bi, &l) in lengths.iter().enumerate().take(b) {
         let n = l + s;
         if n >= c {
             buf.cache_length[bi] = 0;
@@ -137,8 +246,10 @@ pub fn decode<T: Element>(a: &DecodeArgs<'_, T>, mut buf: DecodeBuffers<'_, T>, 
         }
         for i in 0..s {
             let (src, dst) = ((bi * s + i) * hkv, (bi * c + l + i) * hkv);
-            buf.key_cache[dst * dk..(dst + hkv) * dk].copy_from_slice(&a.key[src * dk..(src + hkv) * dk]);
-            buf.value_cache[dst * dv..(dst + hkv) * dv].copy_from_slice(&a.value[src * dv..(src + hkv) * dv]);
+            buf.key_cache[dst * dk..(dst + hkv) * dk]
+                .copy_from_slice(&a.key[src * dk..(src + hkv) * dk]);
+            buf.value_cache[dst * dv..(dst + hkv) * dv]
+                .copy_from_slice(&a.value[src * dv..(src + hkv) * dv]);
             if let (Some(gc), Some(g)) = (buf.log_gate_cache.as_deref_mut(), a.log_gate) {
                 gc[dst..dst + hkv].copy_from_slice(&g[src..src + hkv]);
             }

@@ -39,7 +39,15 @@ pub fn weight(x: f32, deg: usize, decay: f32) -> f32 {
 
 /// Copies `rows` rows of `width` elements, `stride` apart starting at `start`, into `dst` as f32.
 #[inline]
-pub fn gather<T: Element>(src: &[T], start: usize, stride: usize, rows: usize, width: usize, dst: &mut [f32], dst_ld: usize) {
+pub fn gather<T: Element>(
+    src: &[T],
+    start: usize,
+    stride: usize,
+    rows: usize,
+    width: usize,
+    dst: &mut [f32],
+    dst_ld: usize,
+) {
     for r in 0..rows {
         let s = &src[start + r * stride..start + r * stride + width];
         for (d, &x) in dst[r * dst_ld..r * dst_ld + width].iter_mut().zip(s) {
@@ -49,7 +57,13 @@ pub fn gather<T: Element>(src: &[T], start: usize, stride: usize, rows: usize, w
 }
 
 /// Inclusive cumulative sum of the gates of `rows` tokens (0 without gating).
-pub fn cumulative_gates(gates: Option<&[f32]>, start: usize, stride: usize, rows: usize, out: &mut [f32]) {
+pub fn cumulative_gates(
+    gates: Option<&[f32]>,
+    start: usize,
+    stride: usize,
+    rows: usize,
+    out: &mut [f32],
+) {
     let mut acc = 0.0f32;
     for (r, o) in out[..rows].iter_mut().enumerate() {
         if let Some(g) = gates {

@@ -31,7 +31,15 @@ pub struct PrefillOutputs<'a, T> {
 }
 
 pub fn prefill<T: Element>(a: &PrefillArgs<'_, T>, out: PrefillOutputs<'_, T>, par: &dyn Parallel) {
-    let Dims { b, s, hq, hkv, dv, d, .. } = a.dims;
+    let Dims {
+        b,
+        s,
+        hq,
+        hkv,
+        dv,
+        d,
+        ..
+    } = a.dims;
     let r = a.dims.group();
     let items = b * hkv;
     let states: Vec<Mutex<Option<&mut [f32]>>> = match out.present_state {
@@ -48,7 +56,14 @@ pub fn prefill<T: Element>(a: &PrefillArgs<'_, T>, out: PrefillOutputs<'_, T>, p
         let mut st = states[item].lock().unwrap_or_else(|e| e.into_inner());
         let mut sk = sums[item].lock().unwrap_or_else(|e| e.into_inner());
         if a.deg == 2 {
-            chunked_item(a, item / hkv, item % hkv, &mut y, st.as_deref_mut(), sk.as_deref_mut());
+            chunked_item(
+                a,
+                item / hkv,
+                item % hkv,
+                &mut y,
+                st.as_deref_mut(),
+                sk.as_deref_mut(),
+            );
         } else {
             quadratic_item(a, item / hkv, item % hkv, &mut y);
         }
@@ -60,7 +75,10 @@ pub fn prefill<T: Element>(a: &PrefillArgs<'_, T>, out: PrefillOutputs<'_, T>, p
         let (bi, h) = (item / hkv, item % hkv);
         for t in 0..s {
             let dst = ((bi * s + t) * hq + h * r) * dv;
-            for (o, &x) in out.output[dst..dst + r * dv].iter_mut().zip(&y[t * r * dv..(t + 1) * r * dv]) {
+            for (o, &x) in out.output[dst..dst + r * dv]
+                .iter_mut()
+                .zip(&y[t * r * dv..(t + 1) * r * dv])
+            {
                 *o = T::from_f32(x);
             }
         }
@@ -77,7 +95,15 @@ fn chunked_item<T: Element>(
     present_state: Option<&mut [f32]>,
     present_sum: Option<&mut [f32]>,
 ) {
-    let Dims { s, hq, hkv, dk, dv, d, .. } = a.dims;
+    let Dims {
+        s,
+        hq,
+        hkv,
+        dk,
+        dv,
+        d,
+        ..
+    } = a.dims;
     let r = a.dims.group();
     let c = a.chunk.min(s.max(1));
     let w = dv + 1;
@@ -87,7 +113,8 @@ fn chunked_item<T: Element>(
     if let (Some(ps), Some(psk)) = (a.past_state, a.past_sum_of_keys) {
         let base = (bi * hkv + h) * d;
         for row in 0..d {
-            state[row * w..row * w + dv].copy_from_slice(&ps[(base + row) * dv..(base + row + 1) * dv]);
+            state[row * w..row * w + dv]
+                .copy_from_slice(&ps[(base + row) * dv..(base + row + 1) * dv]);
             state[row * w + dv] = psk[base + row];
         }
         has_state = true;
@@ -105,34 +132,85 @@ fn chunked_item<T: Element>(
     let mut t0 = 0;
     while t0 < s {
         let n = c.min(s - t0);
-        gather(a.key, (bi * s + t0) * tok_kv + h * dk, tok_kv, n, dk, &mut kc, dk);
-        gather(a.value, (bi * s + t0) * tok_v + h * dv, tok_v, n, dv, &mut vc, w);
+        gather(
+            a.key,
+            (bi * s + t0) * tok_kv + h * dk,
+            tok_kv,
+            n,
+            dk,
+            &mut kc,
+            dk,
+        );
+        gather(
+            a.value,
+            (bi * s + t0) * tok_v + h * dv,
+            tok_v,
+            n,
+            dv,
+            &mut vc,
+            w,
+        );
         for j in 0..n {
             vc[j * w + dv] = 1.0;
         }
         for g in 0..r {
-            gather(a.query, (bi * s + t0) * tok_q + (h * r + g) * dk, tok_q, n, dk, &mut qc[g * n * dk..], dk);
+            gather(
+                a.query,
+                (bi * s + t0) * tok_q + (h * r + g) * dk,
+                tok_q,
+                n,
+                dk,
+                &mut qc[g * n * dk..],
+                dk,
+            );
         }
         cumulative_gates(a.log_gate, (bi * s + t0) * hkv + h, hkv, n, &mut gam);
 
         // Direct part: W = weights(Q Kᵀ) causal within the chunk; [num | den] = W · [V | 1].
         for g in 0..r {
-            gemm(1.0, MatRef::new(&qc[g * n * dk..], n, dk, dk), MatRef::new(&kc, n, dk, dk).t(), 0.0, MatMut::new(&mut scores, n, n, n));
+            gemm(
+                1.0,
+                MatRef::new(&qc[g * n * dk..], n, dk, dk),
+                MatRef::new(&kc, n, dk, dk).t(),
+                0.0,
+                MatMut::new(&mut scores, n, n, n),
+            );
             for i in 0..n {
                 let row = &mut scores[i * n..(i + 1) * n];
                 for (j, x) in row.iter_mut().enumerate() {
-                    *x = if j <= i { weight(a.scale * *x, 2, (gam[i] - gam[j]).exp()) } else { 0.0 };
+                    *x = if j <= i {
+                        weight(a.scale * *x, 2, (gam[i] - gam[j]).exp())
+                    } else {
+                        0.0
+                    };
                 }
             }
-            gemm(1.0, MatRef::new(&scores, n, n, n), MatRef::new(&vc, n, w, w), 0.0, MatMut::new(&mut nd[g * n * w..], n, w, w));
+            gemm(
+                1.0,
+                MatRef::new(&scores, n, n, n),
+                MatRef::new(&vc, n, w, w),
+                0.0,
+                MatMut::new(&mut nd[g * n * w..], n, w, w),
+            );
         }
         // State part: scale²·e^{Γ_i}·φ(q_i)·[S | s] for all r·n query rows at once.
         if has_state {
             for row in 0..r * n {
                 let i = row % n;
-                expand(&qc[row * dk..(row + 1) * dk], 1.0, sp * gam[i].exp(), &mut phi[row * d..(row + 1) * d]);
+                expand(
+                    &qc[row * dk..(row + 1) * dk],
+                    1.0,
+                    sp * gam[i].exp(),
+                    &mut phi[row * d..(row + 1) * d],
+                );
             }
-            gemm(1.0, MatRef::new(&phi, r * n, d, d), MatRef::new(&state, d, w, w), 1.0, MatMut::new(&mut nd, r * n, w, w));
+            gemm(
+                1.0,
+                MatRef::new(&phi, r * n, d, d),
+                MatRef::new(&state, d, w, w),
+                1.0,
+                MatMut::new(&mut nd, r * n, w, w),
+            );
         }
         for g in 0..r {
             for i in 0..n {
@@ -147,9 +225,20 @@ fn chunked_item<T: Element>(
         // State update: [S | s] ← e^{Γ_end}·[S | s] + Σ_j e^{Γ_end − Γ_j} φ_k(k_j) [v_j | 1].
         let end = gam[n - 1];
         for j in 0..n {
-            expand(&kc[j * dk..(j + 1) * dk], 2.0, (end - gam[j]).exp(), &mut phi[j * d..(j + 1) * d]);
+            expand(
+                &kc[j * dk..(j + 1) * dk],
+                2.0,
+                (end - gam[j]).exp(),
+                &mut phi[j * d..(j + 1) * d],
+            );
         }
-        gemm(1.0, MatRef::new(&phi, n, d, d).t(), MatRef::new(&vc, n, w, w), end.exp(), MatMut::new(&mut state, d, w, w));
+        gemm(
+            1.0,
+            MatRef::new(&phi, n, d, d).t(),
+            MatRef::new(&vc, n, w, w),
+            end.exp(),
+            MatMut::new(&mut state, d, w, w),
+        );
         has_state = true;
         t0 += n;
     }
@@ -168,14 +257,32 @@ fn chunked_item<T: Element>(
 /// One (batch, kv head) for deg > 2 (no state form): blocks of queries against every earlier
 /// key, with gate differences taken from an f64 running sum (no cancellation for long inputs).
 fn quadratic_item<T: Element>(a: &PrefillArgs<'_, T>, bi: usize, h: usize, y: &mut [f32]) {
-    let Dims { s, hq, hkv, dk, dv, .. } = a.dims;
+    let Dims {
+        s, hq, hkv, dk, dv, ..
+    } = a.dims;
     let r = a.dims.group();
     let c = a.chunk.min(s.max(1));
     let w = dv + 1;
     let mut kall = vec![0.0f32; s * dk];
     let mut vall = vec![0.0f32; s * w];
-    gather(a.key, bi * s * hkv * dk + h * dk, hkv * dk, s, dk, &mut kall, dk);
-    gather(a.value, bi * s * hkv * dv + h * dv, hkv * dv, s, dv, &mut vall, w);
+    gather(
+        a.key,
+        bi * s * hkv * dk + h * dk,
+        hkv * dk,
+        s,
+        dk,
+        &mut kall,
+        dk,
+    );
+    gather(
+        a.value,
+        bi * s * hkv * dv + h * dv,
+        hkv * dv,
+        s,
+        dv,
+        &mut vall,
+        w,
+    );
     for j in 0..s {
         vall[j * w + dv] = 1.0;
     }
@@ -195,15 +302,39 @@ fn quadratic_item<T: Element>(a: &PrefillArgs<'_, T>, bi: usize, h: usize, y: &m
         while t0 < s {
             let n = c.min(s - t0);
             let kn = t0 + n;
-            gather(a.query, (bi * s + t0) * hq * dk + (h * r + head) * dk, hq * dk, n, dk, &mut qb, dk);
-            gemm(1.0, MatRef::new(&qb, n, dk, dk), MatRef::new(&kall, kn, dk, dk).t(), 0.0, MatMut::new(&mut scores, n, kn, kn));
+            gather(
+                a.query,
+                (bi * s + t0) * hq * dk + (h * r + head) * dk,
+                hq * dk,
+                n,
+                dk,
+                &mut qb,
+                dk,
+            );
+            gemm(
+                1.0,
+                MatRef::new(&qb, n, dk, dk),
+                MatRef::new(&kall, kn, dk, dk).t(),
+                0.0,
+                MatMut::new(&mut scores, n, kn, kn),
+            );
             for i in 0..n {
                 for j in 0..kn {
                     let x = &mut scores[i * kn + j];
-                    *x = if j <= t0 + i { weight(a.scale * *x, a.deg, (g[t0 + i] - g[j]).exp() as f32) } else { 0.0 };
+                    *x = if j <= t0 + i {
+                        weight(a.scale * *x, a.deg, (g[t0 + i] - g[j]).exp() as f32)
+                    } else {
+                        0.0
+                    };
                 }
             }
-            gemm(1.0, MatRef::new(&scores, n, kn, kn), MatRef::new(&vall, kn, w, w), 0.0, MatMut::new(&mut nd, n, w, w));
+            gemm(
+                1.0,
+                MatRef::new(&scores, n, kn, kn),
+                MatRef::new(&vall, kn, w, w),
+                0.0,
+                MatMut::new(&mut nd, n, w, w),
+            );
             for i in 0..n {
                 let row = &nd[i * w..(i + 1) * w];
                 let dst = ((t0 + i) * r + head) * dv;

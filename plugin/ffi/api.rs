@@ -23,7 +23,9 @@ pub fn set_api(api: &'static OrtApi) {
 
 /// The API table. Callbacks only run after `RegisterCustomOps` set it.
 pub fn api() -> &'static OrtApi {
-    API.get().expect("ORT callbacks run only after RegisterCustomOps stored the API table").0
+    API.get()
+        .expect("ORT callbacks run only after RegisterCustomOps stored the API table")
+        .0
 }
 
 /// Converts an ORT status into `Err(message)`, releasing it.
@@ -35,7 +37,9 @@ pub fn check(status: OrtStatusPtr) -> Result<(), String> {
     // SAFETY: status is a live, non-null OrtStatus returned by ORT; the message pointer is valid
     // until the status is released, and we copy it before releasing.
     unsafe {
-        let msg = CStr::from_ptr((api.GetErrorMessage)(status.0)).to_string_lossy().into_owned();
+        let msg = CStr::from_ptr((api.GetErrorMessage)(status.0))
+            .to_string_lossy()
+            .into_owned();
         (api.ReleaseStatus)(status.0);
         Err(msg)
     }

@@ -55,7 +55,10 @@ impl<'a> ComputeContext<'a> {
     /// returned value must not outlive the call.
     pub unsafe fn new(op: &'static OpSchema, raw: *mut OrtKernelContext) -> Result<Self> {
         let api = api();
-        let rt = |message: String| Error::Runtime { op: op.name, message };
+        let rt = |message: String| Error::Runtime {
+            op: op.name,
+            message,
+        };
         let mut count = 0usize;
         // SAFETY: raw is valid for this call; count is a valid out pointer.
         check(unsafe { (api.KernelContext_GetInputCount)(raw, &mut count) }).map_err(rt)?;
@@ -73,27 +76,47 @@ impl<'a> ComputeContext<'a> {
                 continue;
             }
             // SAFETY: value is a live input OrtValue of this call.
-            inputs.push(Some(unsafe { describe(value as *mut OrtValue) }.map_err(rt)?));
+            inputs.push(Some(
+                unsafe { describe(value as *mut OrtValue) }.map_err(rt)?,
+            ));
         }
         let n = inputs.len();
-        Ok(ComputeContext { op, raw, inputs, retired: vec![false; n], consumed: vec![false; n], outputs: Vec::new(), _call: PhantomData })
+        Ok(ComputeContext {
+            op,
+            raw,
+            inputs,
+            retired: vec![false; n],
+            consumed: vec![false; n],
+            outputs: Vec::new(),
+            _call: PhantomData,
+        })
     }
 
     /// Dims and element type of input `i`, if the node wires it.
     pub fn input_meta(&self, i: usize) -> Option<InputMeta<'_>> {
-        self.inputs.get(i)?.as_ref().map(|t| InputMeta { dims: &t.dims, elem: t.elem })
+        self.inputs.get(i)?.as_ref().map(|t| InputMeta {
+            dims: &t.dims,
+            elem: t.elem,
+        })
     }
 
     /// All inputs' metadata, in port order.
     pub fn input_metas(&self) -> Vec<Option<InputMeta<'_>>> {
-        (0..self.op.inputs.len()).map(|i| self.input_meta(i)).collect()
+        (0..self.op.inputs.len())
+            .map(|i| self.input_meta(i))
+            .collect()
     }
 
     /// Input `i` as a host slice (CPU kernels).
     pub fn input<T: TensorElement>(&self, i: usize) -> Result<Option<&'a [T]>> {
-        let Some(t) = self.inputs.get(i).and_then(Option::as_ref) else { return Ok(None) };
+        let Some(t) = self.inputs.get(i).and_then(Option::as_ref) else {
+            return Ok(None);
+        };
         if self.consumed[i] || self.retired[i] {
-            return Err(self.internal(format!("input '{}' was already handed to its in-place output", self.op.inputs[i].name)));
+            return Err(self.internal(format!(
+                "input '{}' was already handed to its in-place output",
+                self.op.inputs[i].name
+            )));
         }
         self.check_elem::<T>(self.op.inputs[i].name, t.elem)?;
         // SAFETY: ORT keeps the input alive and unmodified for the call ('a); the pointer holds
@@ -103,8 +126,14 @@ impl<'a> ComputeContext<'a> {
     }
 
     /// Allocates output `i` with `dims` and returns it, or `None` if the node does not wire it.
-    pub fn output<T: TensorElement>(&mut self, i: usize, dims: &[i64]) -> Result<Option<&'a mut [T]>> {
-        let Some(t) = self.raw_output(i, dims)? else { return Ok(None) };
+    pub fn output<T: TensorElement>(
+        &mut self,
+        i: usize,
+        dims: &[i64],
+    ) -> Result<Option<&'a mut [T]>> {
+        let Some(t) = self.raw_output(i, dims)? else {
+            return Ok(None);
+        };
         self.check_elem::<T>(self.op.outputs[i].name, t.elem)?;
         self.claim(i, &t.range(), None)?;
         // SAFETY: the buffer is ORT's output for this call, `bytes` long, of type T (checked), and
@@ -114,20 +143,39 @@ impl<'a> ComputeContext<'a> {
 
     /// The in-place pair (`input`, `output`): returns the output buffer holding the input's values,
     /// without a copy when both are the same buffer. `None` when the node does not wire the output.
-    pub fn in_place<T: TensorElement>(&mut self, input: usize, output: usize, dims: &[i64]) -> Result<Option<&'a mut [T]>> {
+    pub fn in_place<T: TensorElement>(
+        &mut self,
+        input: usize,
+        output: usize,
+        dims: &[i64],
+    ) -> Result<Option<&'a mut [T]>> {
         if !self.op.aliases.contains(&(input, output)) {
             return Err(self.internal(format!("({input}, {output}) is not an in-place pair")));
         }
-        let src = self.inputs.get(input).and_then(Option::as_ref).map(|t| (t.range(), t.elem, t.ptr));
+        let src = self
+            .inputs
+            .get(input)
+            .and_then(Option::as_ref)
+            .map(|t| (t.range(), t.elem, t.ptr));
         let Some((src_range, src_elem, src_ptr)) = src else {
-            return Err(self.internal(format!("in-place input '{}' is absent", self.op.inputs[input].name)));
+            return Err(self.internal(format!(
+                "in-place input '{}' is absent",
+                self.op.inputs[input].name
+            )));
         };
         self.check_elem::<T>(self.op.inputs[input].name, src_elem)?;
-        let Some(t) = self.raw_output(output, dims)? else { return Ok(None) };
+        let Some(t) = self.raw_output(output, dims)? else {
+            return Ok(None);
+        };
         self.check_elem::<T>(self.op.outputs[output].name, t.elem)?;
         let dst = t.range();
         if dst.len() != src_range.len() {
-            return Err(self.internal(format!("in-place output '{}' has {} bytes, input has {}", self.op.outputs[output].name, dst.len(), src_range.len())));
+            return Err(self.internal(format!(
+                "in-place output '{}' has {} bytes, input has {}",
+                self.op.outputs[output].name,
+                dst.len(),
+                src_range.len()
+            )));
         }
         let same = dst == src_range;
         self.claim(output, &dst, same.then_some(input))?;
@@ -147,20 +195,27 @@ impl<'a> ComputeContext<'a> {
 
     /// ORT's intra-op thread pool for this call.
     pub fn parallel(&self) -> OrtParallel<'_> {
-        OrtParallel { raw: self.raw, _ctx: PhantomData }
+        OrtParallel {
+            raw: self.raw,
+            _ctx: PhantomData,
+        }
     }
 
     fn raw_output(&mut self, i: usize, dims: &[i64]) -> Result<Option<RawTensor>> {
         let api = api();
         let mut count = 0usize;
         // SAFETY: raw is valid for this call.
-        check(unsafe { (api.KernelContext_GetOutputCount)(self.raw, &mut count) }).map_err(|m| self.rt(m))?;
+        check(unsafe { (api.KernelContext_GetOutputCount)(self.raw, &mut count) })
+            .map_err(|m| self.rt(m))?;
         if i >= count {
             return Ok(None);
         }
         let mut value: *mut OrtValue = std::ptr::null_mut();
         // SAFETY: i < count; dims outlives the call; value is a valid out pointer.
-        check(unsafe { (api.KernelContext_GetOutput)(self.raw, i, dims.as_ptr(), dims.len(), &mut value) }).map_err(|m| self.rt(m))?;
+        check(unsafe {
+            (api.KernelContext_GetOutput)(self.raw, i, dims.as_ptr(), dims.len(), &mut value)
+        })
+        .map_err(|m| self.rt(m))?;
         if value.is_null() {
             return Ok(None);
         }
@@ -170,18 +225,30 @@ impl<'a> ComputeContext<'a> {
 
     /// Records an output's bytes, refusing overlap with live inputs (except `exact_input`, whose
     /// buffer it takes over) and with other outputs.
-    fn claim(&mut self, output: usize, range: &Range<usize>, exact_input: Option<usize>) -> Result<()> {
+    fn claim(
+        &mut self,
+        output: usize,
+        range: &Range<usize>,
+        exact_input: Option<usize>,
+    ) -> Result<()> {
         for (j, t) in self.inputs.iter().enumerate() {
             let Some(t) = t else { continue };
             if Some(j) == exact_input || self.retired[j] {
                 continue;
             }
             if overlaps(range, &t.range()) {
-                return Err(Error::Overlap { op: self.op.name, output: self.op.outputs[output].name, input: self.op.inputs[j].name });
+                return Err(Error::Overlap {
+                    op: self.op.name,
+                    output: self.op.outputs[output].name,
+                    input: self.op.inputs[j].name,
+                });
             }
         }
         if self.outputs.iter().any(|o| overlaps(o, range)) {
-            return Err(self.internal(format!("output '{}' overlaps another output", self.op.outputs[output].name)));
+            return Err(self.internal(format!(
+                "output '{}' overlaps another output",
+                self.op.outputs[output].name
+            )));
         }
         self.outputs.push(range.clone());
         Ok(())
@@ -189,17 +256,28 @@ impl<'a> ComputeContext<'a> {
 
     fn check_elem<T: TensorElement>(&self, port: &'static str, got: ElemType) -> Result<()> {
         if got != T::TYPE {
-            return Err(Error::ElementType { op: self.op.name, input: port, expected: T::TYPE.name(), got: got.name().into() });
+            return Err(Error::ElementType {
+                op: self.op.name,
+                input: port,
+                expected: T::TYPE.name(),
+                got: got.name().into(),
+            });
         }
         Ok(())
     }
 
     fn rt(&self, message: String) -> Error {
-        Error::Runtime { op: self.op.name, message }
+        Error::Runtime {
+            op: self.op.name,
+            message,
+        }
     }
 
     fn internal(&self, what: String) -> Error {
-        Error::Constraint { op: self.op.name, what: format!("internal: {what}") }
+        Error::Constraint {
+            op: self.op.name,
+            what: format!("internal: {what}"),
+        }
     }
 }
 
@@ -221,12 +299,21 @@ unsafe fn describe(value: *mut OrtValue) -> std::result::Result<RawTensor, Strin
             let mut dims = vec![0i64; n];
             check((api.GetDimensions)(info, dims.as_mut_ptr(), n))?;
             check((api.GetTensorElementType)(info, &mut elem))?;
-            let elem = ElemType::from_onnx_code(elem as i32).ok_or_else(|| format!("unsupported element type code {}", elem as i32))?;
+            let elem = ElemType::from_onnx_code(elem as i32)
+                .ok_or_else(|| format!("unsupported element type code {}", elem as i32))?;
             let mut ptr = std::ptr::null_mut();
             check((api.GetTensorMutableData)(value, &mut ptr))?;
-            let count = dims.iter().try_fold(1usize, |acc, &d| usize::try_from(d).ok().and_then(|d| acc.checked_mul(d)));
-            let count = count.ok_or_else(|| format!("tensor dims {dims:?} are negative or too large"))?;
-            Ok(RawTensor { dims, elem, ptr, bytes: count * elem.size_bytes() })
+            let count = dims.iter().try_fold(1usize, |acc, &d| {
+                usize::try_from(d).ok().and_then(|d| acc.checked_mul(d))
+            });
+            let count =
+                count.ok_or_else(|| format!("tensor dims {dims:?} are negative or too large"))?;
+            Ok(RawTensor {
+                dims,
+                elem,
+                ptr,
+                bytes: count * elem.size_bytes(),
+            })
         }
     })();
     // SAFETY: info was created by GetTensorTypeAndShape and is released exactly once.
@@ -241,8 +328,11 @@ unsafe fn slice_of<'a, T: TensorElement>(ptr: *mut c_void, bytes: usize) -> Resu
     if len == 0 {
         return Ok(&[]);
     }
-    if ptr.is_null() || (ptr as usize) % std::mem::align_of::<T>() != 0 {
-        return Err(Error::Runtime { op: "power_retention", message: format!("tensor data at {ptr:p} is null or misaligned") });
+    if ptr.is_null() || !(ptr as usize).is_multiple_of(std::mem::align_of::<T>()) {
+        return Err(Error::Runtime {
+            op: "power_retention",
+            message: format!("tensor data at {ptr:p} is null or misaligned"),
+        });
     }
     // SAFETY: non-null, aligned, `len` values (caller guarantees validity for 'a).
     Ok(unsafe { std::slice::from_raw_parts(ptr as *const T, len) })
@@ -250,13 +340,19 @@ unsafe fn slice_of<'a, T: TensorElement>(ptr: *mut c_void, bytes: usize) -> Resu
 
 /// # Safety
 /// As [`slice_of`], and no other reference to the bytes may exist for `'a`.
-unsafe fn slice_of_mut<'a, T: TensorElement>(ptr: *mut c_void, bytes: usize) -> Result<&'a mut [T]> {
+unsafe fn slice_of_mut<'a, T: TensorElement>(
+    ptr: *mut c_void,
+    bytes: usize,
+) -> Result<&'a mut [T]> {
     let len = bytes / std::mem::size_of::<T>();
     if len == 0 {
         return Ok(&mut []);
     }
-    if ptr.is_null() || (ptr as usize) % std::mem::align_of::<T>() != 0 {
-        return Err(Error::Runtime { op: "power_retention", message: format!("tensor data at {ptr:p} is null or misaligned") });
+    if ptr.is_null() || !(ptr as usize).is_multiple_of(std::mem::align_of::<T>()) {
+        return Err(Error::Runtime {
+            op: "power_retention",
+            message: format!("tensor data at {ptr:p} is null or misaligned"),
+        });
     }
     // SAFETY: non-null, aligned, `len` values, unique (caller guarantees).
     Ok(unsafe { std::slice::from_raw_parts_mut(ptr as *mut T, len) })
@@ -284,7 +380,10 @@ unsafe extern "C" fn run_job(data: *mut c_void, i: usize) {
     // A panic must not unwind into ORT's thread pool: record it and report after the loop.
     if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (job.f)(i))) {
         job.panicked.store(true, Ordering::Relaxed);
-        let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned());
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned());
         if let Ok(mut m) = job.message.lock() {
             *m = what.unwrap_or_default();
         }
@@ -297,10 +396,22 @@ impl Parallel for OrtParallel<'_> {
             (0..n).for_each(f);
             return;
         }
-        let job = Job { f, panicked: AtomicBool::new(false), message: std::sync::Mutex::new(String::new()) };
+        let job = Job {
+            f,
+            panicked: AtomicBool::new(false),
+            message: std::sync::Mutex::new(String::new()),
+        };
         // SAFETY: raw is this call's kernel context; run_job only dereferences `job`, which
         // outlives the call because ParallelFor returns after every task has finished.
-        let st = unsafe { (api().KernelContext_ParallelFor)(self.raw, run_job, n, 0, &job as *const Job<'_> as *mut c_void) };
+        let st = unsafe {
+            (api().KernelContext_ParallelFor)(
+                self.raw,
+                run_job,
+                n,
+                0,
+                &job as *const Job<'_> as *mut c_void,
+            )
+        };
         if check(st).is_err() {
             // No pool for this context: do the work here.
             (0..n).for_each(f);

@@ -34,29 +34,64 @@ impl<'a> MatRef<'a> {
 
     pub fn strided(data: &'a [f32], rows: usize, cols: usize, rs: usize, cs: usize) -> Self {
         if let Some(last) = last_index(rows, cols, rs, cs) {
-            assert!(last < data.len(), "matrix view {rows}x{cols} (strides {rs},{cs}) exceeds a buffer of {}", data.len());
+            assert!(
+                last < data.len(),
+                "matrix view {rows}x{cols} (strides {rs},{cs}) exceeds a buffer of {}",
+                data.len()
+            );
         }
-        MatRef { data, rows, cols, rs, cs }
+        MatRef {
+            data,
+            rows,
+            cols,
+            rs,
+            cs,
+        }
     }
 
     /// The transpose (no copy).
     pub fn t(self) -> Self {
-        MatRef { data: self.data, rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs }
+        MatRef {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+        }
     }
 }
 
 impl<'a> MatMut<'a> {
     pub fn new(data: &'a mut [f32], rows: usize, cols: usize, ld: usize) -> Self {
         if let Some(last) = last_index(rows, cols, ld, 1) {
-            assert!(last < data.len(), "matrix view {rows}x{cols} (row stride {ld}) exceeds a buffer of {}", data.len());
+            assert!(
+                last < data.len(),
+                "matrix view {rows}x{cols} (row stride {ld}) exceeds a buffer of {}",
+                data.len()
+            );
         }
-        MatMut { data, rows, cols, rs: ld, cs: 1 }
+        MatMut {
+            data,
+            rows,
+            cols,
+            rs: ld,
+            cs: 1,
+        }
     }
 }
 
 /// `c = alpha · a · b + beta · c`. Panics on mismatched shapes (callers derive them from checked dims).
 pub fn gemm(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: MatMut<'_>) {
-    assert!(a.cols == b.rows && a.rows == c.rows && b.cols == c.cols, "gemm shapes {}x{} · {}x{} -> {}x{}", a.rows, a.cols, b.rows, b.cols, c.rows, c.cols);
+    assert!(
+        a.cols == b.rows && a.rows == c.rows && b.cols == c.cols,
+        "gemm shapes {}x{} · {}x{} -> {}x{}",
+        a.rows,
+        a.cols,
+        b.rows,
+        b.cols,
+        c.rows,
+        c.cols
+    );
     if c.rows == 0 || c.cols == 0 {
         return;
     }
@@ -102,10 +137,17 @@ mod tests {
         let a: Vec<f32> = (0..6).map(|x| x as f32).collect(); // 2x3
         let b: Vec<f32> = (0..12).map(|x| (x as f32) * 0.5).collect(); // 4x3, used transposed
         let mut c = vec![1.0f32; 8]; // 2x4
-        gemm(2.0, MatRef::new(&a, 2, 3, 3), MatRef::new(&b, 4, 3, 3).t(), 1.0, MatMut::new(&mut c, 2, 4, 4));
+        gemm(
+            2.0,
+            MatRef::new(&a, 2, 3, 3),
+            MatRef::new(&b, 4, 3, 3).t(),
+            1.0,
+            MatMut::new(&mut c, 2, 4, 4),
+        );
         for i in 0..2 {
             for j in 0..4 {
-                let want: f32 = 1.0 + 2.0 * (0..3).map(|k| a[i * 3 + k] * b[j * 3 + k]).sum::<f32>();
+                let want: f32 =
+                    1.0 + 2.0 * (0..3).map(|k| a[i * 3 + k] * b[j * 3 + k]).sum::<f32>();
                 assert_eq!(c[i * 4 + j], want);
             }
         }

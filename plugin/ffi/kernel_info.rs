@@ -21,13 +21,24 @@ impl KernelInfo {
         KernelInfo { raw, op }
     }
 
-    fn name_query(&self, f: unsafe extern "system" fn(*const OrtKernelInfo, usize, *mut c_char, *mut usize) -> ort_sys::OrtStatusPtr, i: usize) -> Result<String> {
+    fn name_query(
+        &self,
+        f: unsafe extern "system" fn(
+            *const OrtKernelInfo,
+            usize,
+            *mut c_char,
+            *mut usize,
+        ) -> ort_sys::OrtStatusPtr,
+        i: usize,
+    ) -> Result<String> {
         let mut size = 0usize;
         // SAFETY: a null buffer asks ORT for the required size (including the NUL).
-        check(unsafe { f(self.raw, i, std::ptr::null_mut(), &mut size) }).map_err(|m| self.err(m))?;
+        check(unsafe { f(self.raw, i, std::ptr::null_mut(), &mut size) })
+            .map_err(|m| self.err(m))?;
         let mut buf = vec![0u8; size.max(1)];
         // SAFETY: buf has `size` bytes, as ORT asked for.
-        check(unsafe { f(self.raw, i, buf.as_mut_ptr().cast(), &mut size) }).map_err(|m| self.err(m))?;
+        check(unsafe { f(self.raw, i, buf.as_mut_ptr().cast(), &mut size) })
+            .map_err(|m| self.err(m))?;
         let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
         Ok(String::from_utf8_lossy(&buf[..end]).into_owned())
     }
@@ -36,19 +47,33 @@ impl KernelInfo {
     pub fn outputs_wired(&self) -> Result<Vec<bool>> {
         let mut n = 0usize;
         // SAFETY: raw is valid during CreateKernel; `n` is a valid out pointer.
-        check(unsafe { (api().KernelInfo_GetOutputCount)(self.raw, &mut n) }).map_err(|m| self.err(m))?;
-        (0..n).map(|i| self.name_query(api().KernelInfo_GetOutputName, i).map(|s| !s.is_empty())).collect()
+        check(unsafe { (api().KernelInfo_GetOutputCount)(self.raw, &mut n) })
+            .map_err(|m| self.err(m))?;
+        (0..n)
+            .map(|i| {
+                self.name_query(api().KernelInfo_GetOutputName, i)
+                    .map(|s| !s.is_empty())
+            })
+            .collect()
     }
 
     pub fn node_name(&self) -> String {
         let mut size = 0usize;
         // SAFETY: null buffer = size query, as documented for KernelInfo_GetNodeName.
-        if check(unsafe { (api().KernelInfo_GetNodeName)(self.raw, std::ptr::null_mut(), &mut size) }).is_err() {
+        if check(unsafe {
+            (api().KernelInfo_GetNodeName)(self.raw, std::ptr::null_mut(), &mut size)
+        })
+        .is_err()
+        {
             return String::new();
         }
         let mut buf = vec![0u8; size.max(1)];
         // SAFETY: buf holds `size` bytes.
-        if check(unsafe { (api().KernelInfo_GetNodeName)(self.raw, buf.as_mut_ptr().cast(), &mut size) }).is_err() {
+        if check(unsafe {
+            (api().KernelInfo_GetNodeName)(self.raw, buf.as_mut_ptr().cast(), &mut size)
+        })
+        .is_err()
+        {
             return String::new();
         }
         let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
@@ -56,7 +81,10 @@ impl KernelInfo {
     }
 
     fn err(&self, message: String) -> Error {
-        Error::Runtime { op: self.op, message }
+        Error::Runtime {
+            op: self.op,
+            message,
+        }
     }
 }
 
@@ -72,7 +100,12 @@ impl AttributeSource for KernelInfo {
         // A missing attribute is reported as an error status; the op table supplies the default.
         release(st);
         if self.has_float(&c) {
-            return Err(Error::Attribute { op: self.op, name: leak_name(name), expected: "an int".into(), got: "a float".into() });
+            return Err(Error::Attribute {
+                op: self.op,
+                name: leak_name(name),
+                expected: "an int".into(),
+                got: "a float".into(),
+            });
         }
         Ok(None)
     }
@@ -90,7 +123,12 @@ impl AttributeSource for KernelInfo {
         // SAFETY: as in `int`.
         let st = unsafe { (api().KernelInfoGetAttribute_int64)(self.raw, c.as_ptr(), &mut i) };
         if st.0.is_null() {
-            return Err(Error::Attribute { op: self.op, name: leak_name(name), expected: "a float".into(), got: format!("the int {i}") });
+            return Err(Error::Attribute {
+                op: self.op,
+                name: leak_name(name),
+                expected: "a float".into(),
+                got: format!("the int {i}"),
+            });
         }
         release(st);
         Ok(None)

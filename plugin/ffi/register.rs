@@ -6,8 +6,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::OnceLock;
 
 use ort_sys::{
-    ONNXTensorElementDataType, OrtApi, OrtApiBase, OrtCustomOp, OrtCustomOpInputOutputCharacteristic, OrtErrorCode, OrtKernelContext,
-    OrtKernelInfo, OrtMemType, OrtSessionOptions, OrtShapeInferContext, OrtStatusPtr,
+    ONNXTensorElementDataType, OrtApi, OrtApiBase, OrtCustomOp,
+    OrtCustomOpInputOutputCharacteristic, OrtErrorCode, OrtKernelContext, OrtKernelInfo,
+    OrtMemType, OrtSessionOptions, OrtShapeInferContext, OrtStatusPtr,
 };
 
 use super::api::{api, check, make_status, ort_type, set_api, string_from, REQUIRED_API};
@@ -78,8 +79,16 @@ fn new_entry(op: &'static OpSchema, elem: ElemType, ep: Ep) -> OpEntry {
             InferOutputShapeFn: Some(infer_shape),
             GetStartVersion: None,
             GetEndVersion: None,
-            GetMayInplace: if op.aliases.is_empty() { None } else { Some(step_may_inplace) },
-            ReleaseMayInplace: if op.aliases.is_empty() { None } else { Some(release_may_inplace) },
+            GetMayInplace: if op.aliases.is_empty() {
+                None
+            } else {
+                Some(step_may_inplace)
+            },
+            ReleaseMayInplace: if op.aliases.is_empty() {
+                None
+            } else {
+                Some(release_may_inplace)
+            },
             GetAliasMap: None,
             ReleaseAliasMap: None,
         },
@@ -120,16 +129,28 @@ unsafe extern "system" fn get_ep(op: *const OrtCustomOp) -> *const c_char {
     unsafe { entry(op) }.ep_name.as_ptr()
 }
 
-unsafe extern "system" fn get_input_type(op: *const OrtCustomOp, i: usize) -> ONNXTensorElementDataType {
+unsafe extern "system" fn get_input_type(
+    op: *const OrtCustomOp,
+    i: usize,
+) -> ONNXTensorElementDataType {
     // SAFETY: as above.
     let e = unsafe { entry(op) };
-    e.op.inputs.get(i).map_or(ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED, |p| port_type(p.ty, e.elem))
+    e.op.inputs.get(i).map_or(
+        ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED,
+        |p| port_type(p.ty, e.elem),
+    )
 }
 
-unsafe extern "system" fn get_output_type(op: *const OrtCustomOp, i: usize) -> ONNXTensorElementDataType {
+unsafe extern "system" fn get_output_type(
+    op: *const OrtCustomOp,
+    i: usize,
+) -> ONNXTensorElementDataType {
     // SAFETY: as above.
     let e = unsafe { entry(op) };
-    e.op.outputs.get(i).map_or(ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED, |p| port_type(p.ty, e.elem))
+    e.op.outputs.get(i).map_or(
+        ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED,
+        |p| port_type(p.ty, e.elem),
+    )
 }
 
 unsafe extern "system" fn get_input_count(op: *const OrtCustomOp) -> usize {
@@ -142,14 +163,32 @@ unsafe extern "system" fn get_output_count(op: *const OrtCustomOp) -> usize {
     unsafe { entry(op) }.op.outputs.len()
 }
 
-unsafe extern "system" fn get_input_characteristic(op: *const OrtCustomOp, i: usize) -> OrtCustomOpInputOutputCharacteristic {
+unsafe extern "system" fn get_input_characteristic(
+    op: *const OrtCustomOp,
+    i: usize,
+) -> OrtCustomOpInputOutputCharacteristic {
     // SAFETY: as above.
-    characteristic(unsafe { entry(op) }.op.inputs.get(i).is_some_and(|p| p.optional))
+    characteristic(
+        unsafe { entry(op) }
+            .op
+            .inputs
+            .get(i)
+            .is_some_and(|p| p.optional),
+    )
 }
 
-unsafe extern "system" fn get_output_characteristic(op: *const OrtCustomOp, i: usize) -> OrtCustomOpInputOutputCharacteristic {
+unsafe extern "system" fn get_output_characteristic(
+    op: *const OrtCustomOp,
+    i: usize,
+) -> OrtCustomOpInputOutputCharacteristic {
     // SAFETY: as above.
-    characteristic(unsafe { entry(op) }.op.outputs.get(i).is_some_and(|p| p.optional))
+    characteristic(
+        unsafe { entry(op) }
+            .op
+            .outputs
+            .get(i)
+            .is_some_and(|p| p.optional),
+    )
 }
 
 unsafe extern "system" fn get_input_memory_type(_op: *const OrtCustomOp, _i: usize) -> OrtMemType {
@@ -168,7 +207,10 @@ struct InplacePairs {
 fn step_pairs() -> &'static InplacePairs {
     static PAIRS: OnceLock<InplacePairs> = OnceLock::new();
     PAIRS.get_or_init(|| {
-        let op = SCHEMAS.iter().find(|op| !op.aliases.is_empty()).expect("the step op has in-place pairs");
+        let op = SCHEMAS
+            .iter()
+            .find(|op| !op.aliases.is_empty())
+            .expect("the step op has in-place pairs");
         InplacePairs {
             inputs: op.aliases.iter().map(|&(i, _)| i as c_int).collect(),
             outputs: op.aliases.iter().map(|&(_, o)| o as c_int).collect(),
@@ -176,7 +218,10 @@ fn step_pairs() -> &'static InplacePairs {
     })
 }
 
-unsafe extern "system" fn step_may_inplace(input_index: *mut *mut c_int, output_index: *mut *mut c_int) -> usize {
+unsafe extern "system" fn step_may_inplace(
+    input_index: *mut *mut c_int,
+    output_index: *mut *mut c_int,
+) -> usize {
     let p = step_pairs();
     // SAFETY: ORT passes valid out pointers; the arrays are process-lifetime statics that ORT only
     // reads, and ReleaseMayInplace below does not free them.
@@ -216,14 +261,26 @@ fn guard(node: &str, f: impl FnOnce() -> Result<()>) -> OrtStatusPtr {
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
-            (OrtErrorCode::ORT_FAIL, format!("internal error (please report): {what}"))
+            (
+                OrtErrorCode::ORT_FAIL,
+                format!("internal error (please report): {what}"),
+            )
         }
     };
-    let prefix = if node.is_empty() { format!("[{DOMAIN}] ") } else { format!("[{DOMAIN}] node '{node}': ") };
+    let prefix = if node.is_empty() {
+        format!("[{DOMAIN}] ")
+    } else {
+        format!("[{DOMAIN}] node '{node}': ")
+    };
     make_status(api(), code, &format!("{prefix}{msg}"))
 }
 
-unsafe extern "system" fn create_kernel(op: *const OrtCustomOp, _api: *const OrtApi, info: *const OrtKernelInfo, kernel: *mut *mut c_void) -> OrtStatusPtr {
+unsafe extern "system" fn create_kernel(
+    op: *const OrtCustomOp,
+    _api: *const OrtApi,
+    info: *const OrtKernelInfo,
+    kernel: *mut *mut c_void,
+) -> OrtStatusPtr {
     // SAFETY: ORT passes one of our entries.
     let e = unsafe { entry(op) };
     // SAFETY: info is valid for the duration of this call, and KernelInfo does not escape it.
@@ -233,7 +290,16 @@ unsafe extern "system" fn create_kernel(op: *const OrtCustomOp, _api: *const Ort
         let cfg = Config::from_attributes(e.op, &info)?;
         let mut wired = info.outputs_wired()?;
         wired.resize(e.op.outputs.len(), false);
-        let state = Box::new(KernelState { kernel: Kernel { op: e.op, elem: e.elem, ep: e.ep, cfg, outputs_wired: wired }, node: node.clone() });
+        let state = Box::new(KernelState {
+            kernel: Kernel {
+                op: e.op,
+                elem: e.elem,
+                ep: e.ep,
+                cfg,
+                outputs_wired: wired,
+            },
+            node: node.clone(),
+        });
         // SAFETY: `kernel` is ORT's out pointer; ownership of the box passes to ORT until
         // KernelDestroy hands it back.
         unsafe { *kernel = Box::into_raw(state) as *mut c_void };
@@ -241,7 +307,10 @@ unsafe extern "system" fn create_kernel(op: *const OrtCustomOp, _api: *const Ort
     })
 }
 
-unsafe extern "system" fn kernel_compute(kernel: *mut c_void, ctx: *mut OrtKernelContext) -> OrtStatusPtr {
+unsafe extern "system" fn kernel_compute(
+    kernel: *mut c_void,
+    ctx: *mut OrtKernelContext,
+) -> OrtStatusPtr {
     // SAFETY: `kernel` is the box created in create_kernel; compute may run concurrently on it,
     // and KernelState is immutable after creation.
     let state = unsafe { &*(kernel as *const KernelState) };
@@ -259,11 +328,16 @@ unsafe extern "system" fn kernel_destroy(kernel: *mut c_void) {
     }
 }
 
-unsafe extern "system" fn infer_shape(op: *const OrtCustomOp, ctx: *mut OrtShapeInferContext) -> OrtStatusPtr {
+unsafe extern "system" fn infer_shape(
+    op: *const OrtCustomOp,
+    ctx: *mut OrtShapeInferContext,
+) -> OrtStatusPtr {
     // SAFETY: ORT passes one of our entries.
     let e = unsafe { entry(op) };
     // SAFETY: ctx is valid for this call.
-    guard("", || unsafe { super::shape_infer::infer(e.op, e.elem, ctx) })
+    guard("", || unsafe {
+        super::shape_infer::infer(e.op, e.elem, ctx)
+    })
 }
 
 /// The library's entry point: registers both ops in domain `power_retention` on `options`.
@@ -271,7 +345,10 @@ unsafe extern "system" fn infer_shape(op: *const OrtCustomOp, ctx: *mut OrtShape
 /// # Safety
 /// Called by ONNX Runtime with a live `OrtSessionOptions` and its `OrtApiBase`.
 #[no_mangle]
-pub unsafe extern "C" fn RegisterCustomOps(options: *mut OrtSessionOptions, api_base: *const OrtApiBase) -> OrtStatusPtr {
+pub unsafe extern "C" fn RegisterCustomOps(
+    options: *mut OrtSessionOptions,
+    api_base: *const OrtApiBase,
+) -> OrtStatusPtr {
     if api_base.is_null() || options.is_null() {
         return OrtStatusPtr(std::ptr::null_mut());
     }
@@ -300,8 +377,16 @@ pub unsafe extern "C" fn RegisterCustomOps(options: *mut OrtSessionOptions, api_
     let result = catch_unwind(|| register_domain(options));
     match result {
         Ok(Ok(())) => OrtStatusPtr(std::ptr::null_mut()),
-        Ok(Err(msg)) => make_status(api(), OrtErrorCode::ORT_FAIL, &format!("[{DOMAIN}] registration failed: {msg}")),
-        Err(_) => make_status(api(), OrtErrorCode::ORT_FAIL, &format!("[{DOMAIN}] registration panicked")),
+        Ok(Err(msg)) => make_status(
+            api(),
+            OrtErrorCode::ORT_FAIL,
+            &format!("[{DOMAIN}] registration failed: {msg}"),
+        ),
+        Err(_) => make_status(
+            api(),
+            OrtErrorCode::ORT_FAIL,
+            &format!("[{DOMAIN}] registration panicked"),
+        ),
     }
 }
 

@@ -13,7 +13,11 @@ use crate::shapes::{infer_output_shapes, DimExpr};
 
 /// # Safety
 /// `ctx` must be the live shape-inference context ORT passed to `InferOutputShapeFn`.
-pub unsafe fn infer(op: &'static OpSchema, elem: ElemType, ctx: *mut OrtShapeInferContext) -> Result<()> {
+pub unsafe fn infer(
+    op: &'static OpSchema,
+    elem: ElemType,
+    ctx: *mut OrtShapeInferContext,
+) -> Result<()> {
     let api = api();
     let mut count = 0usize;
     // SAFETY: ctx is live; count is a valid out pointer.
@@ -37,7 +41,8 @@ pub unsafe fn infer(op: &'static OpSchema, elem: ElemType, ctx: *mut OrtShapeInf
             continue;
         }
         if op.inputs[i].ty == PortType::T {
-            let mut code = ort_sys::ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+            let mut code =
+                ort_sys::ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
             // SAFETY: info is live for the callback; code is a valid out pointer.
             if check(unsafe { (api.GetTensorElementType)(info, &mut code) }).is_ok() {
                 t = t.or(ElemType::from_onnx_code(code as i32));
@@ -47,7 +52,10 @@ pub unsafe fn infer(op: &'static OpSchema, elem: ElemType, ctx: *mut OrtShapeInf
         inputs.push(unsafe { read_dims(info) });
     }
     let deg = read_int_attr(op, ctx, "deg");
-    for (o, dims) in infer_output_shapes(op, deg.max(0) as usize, &inputs).into_iter().enumerate() {
+    for (o, dims) in infer_output_shapes(op, deg.max(0) as usize, &inputs)
+        .into_iter()
+        .enumerate()
+    {
         // Without a typed input (no shape info) ORT's own type inference stands for T outputs.
         let Some(ty) = (match op.outputs[o].ty {
             PortType::T => t,
@@ -107,7 +115,15 @@ fn read_int_attr(op: &OpSchema, ctx: *mut OrtShapeInferContext, name: &str) -> i
     let mut v = 0i64;
     let mut size = 0usize;
     // SAFETY: v has room for one int64, as `len` says.
-    let st = unsafe { (api.ReadOpAttr)(attr, OrtOpAttrType::ORT_OP_ATTR_INT, &mut v as *mut i64 as *mut c_void, std::mem::size_of::<i64>(), &mut size) };
+    let st = unsafe {
+        (api.ReadOpAttr)(
+            attr,
+            OrtOpAttrType::ORT_OP_ATTR_INT,
+            &mut v as *mut i64 as *mut c_void,
+            std::mem::size_of::<i64>(),
+            &mut size,
+        )
+    };
     match check(st) {
         Ok(()) => v,
         Err(_) => default,
@@ -125,7 +141,10 @@ unsafe fn write_output(ctx: *mut OrtShapeInferContext, o: usize, ty: ElemType, d
     if check(unsafe { (api.CreateTensorTypeAndShapeInfo)(&mut info) }).is_err() {
         return;
     }
-    let values: Vec<i64> = dims.iter().map(|d| if let DimExpr::Known(v) = d { *v } else { -1 }).collect();
+    let values: Vec<i64> = dims
+        .iter()
+        .map(|d| if let DimExpr::Known(v) = d { *v } else { -1 })
+        .collect();
     // ORT turns a nameless -1 into the dim *value* -1; an unknown dim needs a fresh symbol.
     let names: Vec<CString> = dims
         .iter()
@@ -133,7 +152,10 @@ unsafe fn write_output(ctx: *mut OrtShapeInferContext, o: usize, ty: ElemType, d
             let name = match d {
                 DimExpr::Known(_) => String::new(),
                 DimExpr::Symbolic(s) => s.replace('\0', " "),
-                DimExpr::Unknown => format!("power_retention_unk_{}", UNKNOWN.fetch_add(1, Ordering::Relaxed)),
+                DimExpr::Unknown => format!(
+                    "power_retention_unk_{}",
+                    UNKNOWN.fetch_add(1, Ordering::Relaxed)
+                ),
             };
             CString::new(name).expect("NULs replaced")
         })
@@ -145,7 +167,12 @@ unsafe fn write_output(ctx: *mut OrtShapeInferContext, o: usize, ty: ElemType, d
     unsafe {
         let ok = check((api.SetTensorElementType)(info, code)).is_ok()
             && check((api.SetDimensions)(info, values.as_ptr(), values.len())).is_ok()
-            && check((api.SetSymbolicDimensions)(info, ptrs.as_mut_ptr(), ptrs.len())).is_ok();
+            && check((api.SetSymbolicDimensions)(
+                info,
+                ptrs.as_mut_ptr(),
+                ptrs.len(),
+            ))
+            .is_ok();
         if ok {
             release((api.ShapeInferContext_SetOutputTypeShape)(ctx, o, info));
         }

@@ -108,7 +108,16 @@ pub enum Dim {
 }
 
 impl Dim {
-    pub const ALL: [Dim; 8] = [Dim::B, Dim::S, Dim::Hq, Dim::Hkv, Dim::Dk, Dim::Dv, Dim::D, Dim::C];
+    pub const ALL: [Dim; 8] = [
+        Dim::B,
+        Dim::S,
+        Dim::Hq,
+        Dim::Hkv,
+        Dim::Dk,
+        Dim::Dv,
+        Dim::D,
+        Dim::C,
+    ];
 
     pub const fn symbol(self) -> &'static str {
         match self {
@@ -251,9 +260,27 @@ pub static POWER_RETENTION: OpSchema = OpSchema {
           w_ij = (scale·q_i·k_j)^deg · exp(G_i − G_j), G the cumulative log gate; \
           continues from (past_state, past_sum_of_keys) when given.",
     inputs: &[
-        Port { name: "query", ty: PortType::T, shape: &[B, S, Hq, Dk], optional: false, doc: QKV_DOC_Q },
-        Port { name: "key", ty: PortType::T, shape: &[B, S, Hkv, Dk], optional: false, doc: "keys" },
-        Port { name: "value", ty: PortType::T, shape: &[B, S, Hkv, Dv], optional: false, doc: "values" },
+        Port {
+            name: "query",
+            ty: PortType::T,
+            shape: &[B, S, Hq, Dk],
+            optional: false,
+            doc: QKV_DOC_Q,
+        },
+        Port {
+            name: "key",
+            ty: PortType::T,
+            shape: &[B, S, Hkv, Dk],
+            optional: false,
+            doc: "keys",
+        },
+        Port {
+            name: "value",
+            ty: PortType::T,
+            shape: &[B, S, Hkv, Dv],
+            optional: false,
+            doc: "values",
+        },
         Port {
             name: "log_gate",
             ty: PortType::F32,
@@ -277,7 +304,13 @@ pub static POWER_RETENTION: OpSchema = OpSchema {
         },
     ],
     outputs: &[
-        Port { name: "output", ty: PortType::T, shape: &[B, S, Hq, Dv], optional: false, doc: "normalised retention output" },
+        Port {
+            name: "output",
+            ty: PortType::T,
+            shape: &[B, S, Hq, Dv],
+            optional: false,
+            doc: "normalised retention output",
+        },
         Port {
             name: "present_state",
             ty: PortType::F32,
@@ -302,12 +335,31 @@ pub static POWER_RETENTION: OpSchema = OpSchema {
 /// `PowerRetentionStep`: decoding over fixed-size buffers (state + a small window cache).
 pub static POWER_RETENTION_STEP: OpSchema = OpSchema {
     name: "PowerRetentionStep",
-    doc: "One decode step: S new tokens (1 ≤ S ≤ C) attend to the state, the cached window and \
+    doc:
+        "One decode step: S new tokens (1 ≤ S ≤ C) attend to the state, the cached window and \
           themselves; the window is appended to, or folded into the state when it reaches C tokens.",
     inputs: &[
-        Port { name: "query", ty: PortType::T, shape: &[B, S, Hq, Dk], optional: false, doc: QKV_DOC_Q },
-        Port { name: "key", ty: PortType::T, shape: &[B, S, Hkv, Dk], optional: false, doc: "keys of the new tokens" },
-        Port { name: "value", ty: PortType::T, shape: &[B, S, Hkv, Dv], optional: false, doc: "values of the new tokens" },
+        Port {
+            name: "query",
+            ty: PortType::T,
+            shape: &[B, S, Hq, Dk],
+            optional: false,
+            doc: QKV_DOC_Q,
+        },
+        Port {
+            name: "key",
+            ty: PortType::T,
+            shape: &[B, S, Hkv, Dk],
+            optional: false,
+            doc: "keys of the new tokens",
+        },
+        Port {
+            name: "value",
+            ty: PortType::T,
+            shape: &[B, S, Hkv, Dv],
+            optional: false,
+            doc: "values of the new tokens",
+        },
         Port {
             name: "log_gate",
             ty: PortType::F32,
@@ -315,8 +367,20 @@ pub static POWER_RETENTION_STEP: OpSchema = OpSchema {
             optional: true,
             doc: "per-token log decay of the new tokens (≤ 0); absent = no gating",
         },
-        Port { name: "past_state", ty: PortType::F32, shape: &[B, Hkv, D, Dv], optional: false, doc: "state; compact layout" },
-        Port { name: "past_sum_of_keys", ty: PortType::F32, shape: &[B, Hkv, D], optional: false, doc: "sum of expanded keys" },
+        Port {
+            name: "past_state",
+            ty: PortType::F32,
+            shape: &[B, Hkv, D, Dv],
+            optional: false,
+            doc: "state; compact layout",
+        },
+        Port {
+            name: "past_sum_of_keys",
+            ty: PortType::F32,
+            shape: &[B, Hkv, D],
+            optional: false,
+            doc: "sum of expanded keys",
+        },
         Port {
             name: "past_key_cache",
             ty: PortType::T,
@@ -324,7 +388,13 @@ pub static POWER_RETENTION_STEP: OpSchema = OpSchema {
             optional: false,
             doc: "not-yet-folded recent keys; C is read from this shape",
         },
-        Port { name: "past_value_cache", ty: PortType::T, shape: &[B, C, Hkv, Dv], optional: false, doc: "not-yet-folded recent values" },
+        Port {
+            name: "past_value_cache",
+            ty: PortType::T,
+            shape: &[B, C, Hkv, Dv],
+            optional: false,
+            doc: "not-yet-folded recent values",
+        },
         Port {
             name: "past_log_gate_cache",
             ty: PortType::F32,
@@ -332,14 +402,50 @@ pub static POWER_RETENTION_STEP: OpSchema = OpSchema {
             optional: true,
             doc: "raw log gates of the cached tokens; required iff log_gate is given",
         },
-        Port { name: "cache_length", ty: PortType::I64, shape: &[B], optional: false, doc: "valid cache entries per sequence, in [0, C]" },
+        Port {
+            name: "cache_length",
+            ty: PortType::I64,
+            shape: &[B],
+            optional: false,
+            doc: "valid cache entries per sequence, in [0, C]",
+        },
     ],
     outputs: &[
-        Port { name: "output", ty: PortType::T, shape: &[B, S, Hq, Dv], optional: false, doc: "retention output of the new tokens" },
-        Port { name: "present_state", ty: PortType::F32, shape: &[B, Hkv, D, Dv], optional: false, doc: "state after this step" },
-        Port { name: "present_sum_of_keys", ty: PortType::F32, shape: &[B, Hkv, D], optional: false, doc: "sum of keys after this step" },
-        Port { name: "present_key_cache", ty: PortType::T, shape: &[B, C, Hkv, Dk], optional: false, doc: "key window after this step" },
-        Port { name: "present_value_cache", ty: PortType::T, shape: &[B, C, Hkv, Dv], optional: false, doc: "value window after this step" },
+        Port {
+            name: "output",
+            ty: PortType::T,
+            shape: &[B, S, Hq, Dv],
+            optional: false,
+            doc: "retention output of the new tokens",
+        },
+        Port {
+            name: "present_state",
+            ty: PortType::F32,
+            shape: &[B, Hkv, D, Dv],
+            optional: false,
+            doc: "state after this step",
+        },
+        Port {
+            name: "present_sum_of_keys",
+            ty: PortType::F32,
+            shape: &[B, Hkv, D],
+            optional: false,
+            doc: "sum of keys after this step",
+        },
+        Port {
+            name: "present_key_cache",
+            ty: PortType::T,
+            shape: &[B, C, Hkv, Dk],
+            optional: false,
+            doc: "key window after this step",
+        },
+        Port {
+            name: "present_value_cache",
+            ty: PortType::T,
+            shape: &[B, C, Hkv, Dv],
+            optional: false,
+            doc: "value window after this step",
+        },
         Port {
             name: "present_log_gate_cache",
             ty: PortType::F32,
@@ -347,7 +453,13 @@ pub static POWER_RETENTION_STEP: OpSchema = OpSchema {
             optional: true,
             doc: "log-gate window after this step (gated models)",
         },
-        Port { name: "present_cache_length", ty: PortType::I64, shape: &[B], optional: false, doc: "valid window entries after this step" },
+        Port {
+            name: "present_cache_length",
+            ty: PortType::I64,
+            shape: &[B],
+            optional: false,
+            doc: "valid window entries after this step",
+        },
     ],
     attributes: &[DEG, SCALE],
     aliases: &[
@@ -375,6 +487,56 @@ pub fn expanded_dim(dk: usize, deg: usize) -> Option<usize> {
     usize::try_from(acc).ok()
 }
 
+/// The README's op reference, rendered from the table (a test keeps README.md in sync:
+/// `cargo run -p power-retention-schema --example op_reference` prints it).
+pub fn markdown_reference() -> String {
+    let types: Vec<&str> = MODEL_TYPES.iter().map(|t| t.name()).collect();
+    let mut s = format!(
+        "Domain `{DOMAIN}`, opset version {OPSET_VERSION}. `T` ∈ {{{}}} (one registration per type, CPU and CUDA). \
+         Layout of every per-token tensor: `(batch, seq, heads, head_dim)`. \
+         State layout (deg 2): `D = Dk(Dk+1)/2` rows in upper-triangle row-major order, \
+         row(a, b) = a(2Dk − a + 1)/2 + (b − a) for a ≤ b, feature x_a·x_b, key-side weight 2 when a < b.\n",
+        types.join(", ")
+    );
+    for op in SCHEMAS {
+        s += &format!("\n### `{}`\n\n{}\n\n", op.name, op.doc);
+        for (title, ports) in [("input", op.inputs), ("output", op.outputs)] {
+            s += &format!("| {title} | shape | type | notes |\n|---|---|---|---|\n");
+            for p in ports {
+                let opt = if p.optional { " (optional)" } else { "" };
+                s += &format!(
+                    "| `{}`{opt} | {} | {} | {} |\n",
+                    p.name,
+                    OpSchema::shape_text(p.shape),
+                    p.ty.describe(),
+                    p.doc
+                );
+            }
+            s += "\n";
+        }
+        s += "| attribute | default | notes |\n|---|---|---|\n";
+        for a in op.attributes {
+            let d = match a.default {
+                AttrValue::Int(v) => v.to_string(),
+                AttrValue::Float(v) => v.to_string(),
+            };
+            s += &format!("| `{}` | {d} | {} |\n", a.name, a.doc);
+        }
+        if !op.aliases.is_empty() {
+            let pairs: Vec<String> = op
+                .aliases
+                .iter()
+                .map(|&(i, o)| format!("`{}` → `{}`", op.inputs[i].name, op.outputs[o].name))
+                .collect();
+            s += &format!(
+                "\nIn-place pairs (may be bound to the same buffer): {}.\n",
+                pairs.join(", ")
+            );
+        }
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -385,15 +547,36 @@ mod tests {
         assert_eq!(p.input_index("query"), Some(prefill::QUERY));
         assert_eq!(p.input_index("log_gate"), Some(prefill::LOG_GATE));
         assert_eq!(p.input_index("past_state"), Some(prefill::PAST_STATE));
-        assert_eq!(p.input_index("past_sum_of_keys"), Some(prefill::PAST_SUM_OF_KEYS));
-        assert_eq!(p.output_index("present_state"), Some(prefill::PRESENT_STATE));
-        assert_eq!(p.output_index("present_sum_of_keys"), Some(prefill::PRESENT_SUM_OF_KEYS));
+        assert_eq!(
+            p.input_index("past_sum_of_keys"),
+            Some(prefill::PAST_SUM_OF_KEYS)
+        );
+        assert_eq!(
+            p.output_index("present_state"),
+            Some(prefill::PRESENT_STATE)
+        );
+        assert_eq!(
+            p.output_index("present_sum_of_keys"),
+            Some(prefill::PRESENT_SUM_OF_KEYS)
+        );
         let s = &POWER_RETENTION_STEP;
-        assert_eq!(s.input_index("past_key_cache"), Some(decode::PAST_KEY_CACHE));
-        assert_eq!(s.input_index("past_log_gate_cache"), Some(decode::PAST_LOG_GATE_CACHE));
+        assert_eq!(
+            s.input_index("past_key_cache"),
+            Some(decode::PAST_KEY_CACHE)
+        );
+        assert_eq!(
+            s.input_index("past_log_gate_cache"),
+            Some(decode::PAST_LOG_GATE_CACHE)
+        );
         assert_eq!(s.input_index("cache_length"), Some(decode::CACHE_LENGTH));
-        assert_eq!(s.output_index("present_log_gate_cache"), Some(decode::PRESENT_LOG_GATE_CACHE));
-        assert_eq!(s.output_index("present_cache_length"), Some(decode::PRESENT_CACHE_LENGTH));
+        assert_eq!(
+            s.output_index("present_log_gate_cache"),
+            Some(decode::PRESENT_LOG_GATE_CACHE)
+        );
+        assert_eq!(
+            s.output_index("present_cache_length"),
+            Some(decode::PRESENT_CACHE_LENGTH)
+        );
     }
 
     #[test]

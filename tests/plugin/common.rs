@@ -5,7 +5,10 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use half::{bf16, f16};
-use onnx_protobuf::{attribute_proto::AttributeType, tensor_shape_proto, type_proto, AttributeProto, GraphProto, Message, ModelProto, NodeProto, OperatorSetIdProto, TensorShapeProto, TypeProto, ValueInfoProto};
+use onnx_protobuf::{
+    attribute_proto::AttributeType, type_proto, AttributeProto, GraphProto, Message, ModelProto,
+    NodeProto, OperatorSetIdProto, TypeProto, ValueInfoProto,
+};
 use ort::environment::Environment;
 use ort::session::Session;
 use ort::value::{DynValue, Tensor};
@@ -22,8 +25,18 @@ pub fn plugin_path() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // `cargo test` leaves the fresh cdylib beside the test binary (target/<profile>/deps).
     let deps = exe.parent().expect("target/<profile>/deps");
-    let lib = [deps.join("libpower_retention_ort.so"), deps.join("../libpower_retention_ort.so")].into_iter().find(|p| p.exists()).unwrap_or_else(|| deps.join("libpower_retention_ort.so"));
-    assert!(lib.exists(), "plugin library not found at {} (build it with cargo build, or set POWER_RETENTION_LIB)", lib.display());
+    let lib = [
+        deps.join("libpower_retention_ort.so"),
+        deps.join("../libpower_retention_ort.so"),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
+    .unwrap_or_else(|| deps.join("libpower_retention_ort.so"));
+    assert!(
+        lib.exists(),
+        "plugin library not found at {} (build it with cargo build, or set POWER_RETENTION_LIB)",
+        lib.display()
+    );
     lib
 }
 
@@ -35,7 +48,10 @@ pub fn ort_path() -> PathBuf {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let capi = root.join(".venv/lib/python3.11/site-packages/onnxruntime/capi");
     let found = std::fs::read_dir(&capi).ok().and_then(|d| {
-        d.filter_map(|e| e.ok().map(|e| e.path())).find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libonnxruntime.so.")))
+        d.filter_map(|e| e.ok().map(|e| e.path())).find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("libonnxruntime.so."))
+        })
     });
     found.unwrap_or_else(|| panic!("ONNX Runtime not found: set ORT_DYLIB_PATH, or run scripts/setup.sh to install the onnxruntime wheel into .venv ({})", capi.display()))
 }
@@ -43,7 +59,13 @@ pub fn ort_path() -> PathBuf {
 /// ONNX Runtime's environment, created once per test process.
 pub fn env() -> &'static Environment {
     static ENV: OnceLock<Environment> = OnceLock::new();
-    ENV.get_or_init(|| ort::init_from(ort_path()).expect("load ONNX Runtime").with_name("power-retention-tests").build().expect("ORT environment"))
+    ENV.get_or_init(|| {
+        ort::init_from(ort_path())
+            .expect("load ONNX Runtime")
+            .with_name("power-retention-tests")
+            .build()
+            .expect("ORT environment")
+    })
 }
 
 /// A CPU session of `model` with the plugin registered.
@@ -54,7 +76,10 @@ pub fn env() -> &'static Environment {
 pub fn session(model: &[u8]) -> ort::Result<Session> {
     static CREATE: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one_at_a_time = CREATE.lock().unwrap_or_else(|e| e.into_inner());
-    Ok(Session::builder(env())?.with_intra_threads(2)?.with_operator_library(plugin_path())?.commit_from_memory(model)?)
+    Session::builder(env())?
+        .with_intra_threads(2)?
+        .with_operator_library(plugin_path())?
+        .commit_from_memory(model)
 }
 
 /// An attribute value for [`one_node_model`].
@@ -66,12 +91,15 @@ pub enum Attr {
 
 /// A one-node model of `op`. Inputs/outputs are named after their ports; `inputs[i] = None`
 /// leaves port i unwired (""), `Some(t)` wires it with element type `t` and unknown shape.
-pub fn one_node_model(op: &OpSchema, inputs: &[Option<ElemType>], outputs: &[Option<ElemType>], attrs: &[(&str, Attr)]) -> Vec<u8> {
+pub fn one_node_model(
+    op: &OpSchema,
+    inputs: &[Option<ElemType>],
+    outputs: &[Option<ElemType>],
+    attrs: &[(&str, Attr)],
+) -> Vec<u8> {
     let value_info = |name: &str, t: ElemType| {
         let mut tt = type_proto::Tensor::new();
         tt.elem_type = t.onnx_code();
-        let mut shape = TensorShapeProto::new();
-        shape.dim = vec![tensor_shape_proto::Dimension::new(); 0];
         let mut ty = TypeProto::new();
         ty.value = Some(type_proto::Value::TensorType(tt));
         let mut vi = ValueInfoProto::new();
@@ -83,10 +111,32 @@ pub fn one_node_model(op: &OpSchema, inputs: &[Option<ElemType>], outputs: &[Opt
     node.op_type = op.name.into();
     node.domain = DOMAIN.into();
     node.name = "node0".into();
-    let last_in = inputs.iter().rposition(Option::is_some).map_or(0, |i| i + 1);
-    node.input = (0..last_in).map(|i| if inputs[i].is_some() { op.inputs[i].name.to_string() } else { String::new() }).collect();
-    let last_out = outputs.iter().rposition(Option::is_some).map_or(0, |i| i + 1);
-    node.output = (0..last_out).map(|i| if outputs[i].is_some() { op.outputs[i].name.to_string() } else { String::new() }).collect();
+    let last_in = inputs
+        .iter()
+        .rposition(Option::is_some)
+        .map_or(0, |i| i + 1);
+    node.input = (0..last_in)
+        .map(|i| {
+            if inputs[i].is_some() {
+                op.inputs[i].name.to_string()
+            } else {
+                String::new()
+            }
+        })
+        .collect();
+    let last_out = outputs
+        .iter()
+        .rposition(Option::is_some)
+        .map_or(0, |i| i + 1);
+    node.output = (0..last_out)
+        .map(|i| {
+            if outputs[i].is_some() {
+                op.outputs[i].name.to_string()
+            } else {
+                String::new()
+            }
+        })
+        .collect();
     for (name, v) in attrs {
         let mut a = AttributeProto::new();
         a.name = name.to_string();
@@ -128,7 +178,10 @@ pub fn one_node_model(op: &OpSchema, inputs: &[Option<ElemType>], outputs: &[Opt
 }
 
 /// Every port wired with its table type for model dtype `t`.
-pub fn all_ports(ports: &[power_retention_ort::schema::Port], t: ElemType) -> Vec<Option<ElemType>> {
+pub fn all_ports(
+    ports: &[power_retention_ort::schema::Port],
+    t: ElemType,
+) -> Vec<Option<ElemType>> {
     ports.iter().map(|p| Some(p.ty.resolve(t))).collect()
 }
 
@@ -142,7 +195,10 @@ pub struct Data {
 impl Data {
     pub fn new(dims: &[usize], values: Vec<f64>) -> Data {
         assert_eq!(dims.iter().product::<usize>(), values.len());
-        Data { dims: dims.iter().map(|&d| d as i64).collect(), values }
+        Data {
+            dims: dims.iter().map(|&d| d as i64).collect(),
+            values,
+        }
     }
 
     /// The values as the dtype rounds them (what the kernel sees), back in f64.
@@ -153,10 +209,36 @@ impl Data {
     pub fn tensor(&self, t: ElemType) -> DynValue {
         let dims = self.dims.clone();
         match t {
-            ElemType::F32 => Tensor::from_array((dims, self.values.iter().map(|&x| x as f32).collect::<Vec<_>>())).unwrap().into_dyn(),
-            ElemType::F16 => Tensor::from_array((dims, self.values.iter().map(|&x| f16::from_f64(x)).collect::<Vec<_>>())).unwrap().into_dyn(),
-            ElemType::BF16 => Tensor::from_array((dims, self.values.iter().map(|&x| bf16::from_f64(x)).collect::<Vec<_>>())).unwrap().into_dyn(),
-            ElemType::I64 => Tensor::from_array((dims, self.values.iter().map(|&x| x as i64).collect::<Vec<_>>())).unwrap().into_dyn(),
+            ElemType::F32 => Tensor::from_array((
+                dims,
+                self.values.iter().map(|&x| x as f32).collect::<Vec<_>>(),
+            ))
+            .unwrap()
+            .into_dyn(),
+            ElemType::F16 => Tensor::from_array((
+                dims,
+                self.values
+                    .iter()
+                    .map(|&x| f16::from_f64(x))
+                    .collect::<Vec<_>>(),
+            ))
+            .unwrap()
+            .into_dyn(),
+            ElemType::BF16 => Tensor::from_array((
+                dims,
+                self.values
+                    .iter()
+                    .map(|&x| bf16::from_f64(x))
+                    .collect::<Vec<_>>(),
+            ))
+            .unwrap()
+            .into_dyn(),
+            ElemType::I64 => Tensor::from_array((
+                dims,
+                self.values.iter().map(|&x| x as i64).collect::<Vec<_>>(),
+            ))
+            .unwrap()
+            .into_dyn(),
         }
     }
 }
@@ -204,7 +286,10 @@ pub fn normal(rng: &mut StdRng, n: usize, scale: f64) -> Vec<f64> {
 
 /// log σ(x) gates with x ~ N(mean, 1): mean 4 decays mildly, 0 strongly.
 pub fn log_gates(rng: &mut StdRng, n: usize, mean: f64) -> Vec<f64> {
-    normal(rng, n, 1.0).into_iter().map(|x| -(1.0 + (-(x + mean)).exp()).ln()).collect()
+    normal(rng, n, 1.0)
+        .into_iter()
+        .map(|x| -(1.0 + (-(x + mean)).exp()).ln())
+        .collect()
 }
 
 /// ‖a − b‖ / ‖b‖; NaN anywhere gives infinity so it never passes.
@@ -213,7 +298,12 @@ pub fn rel_err(a: &[f64], b: &[f64]) -> f64 {
     if a.iter().chain(b).any(|x| !x.is_finite()) {
         return f64::INFINITY;
     }
-    let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f64>().sqrt();
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y) * (x - y))
+        .sum::<f64>()
+        .sqrt();
     let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
     if den == 0.0 {
         num

@@ -37,7 +37,13 @@ fn sequence(x: &Data, bi: usize) -> Data {
 fn stack(parts: &[Data]) -> Data {
     let mut dims: Vec<usize> = parts[0].dims.iter().map(|&d| d as usize).collect();
     dims[0] = parts.len();
-    Data::new(&dims, parts.iter().flat_map(|p| p.values.iter().copied()).collect())
+    Data::new(
+        &dims,
+        parts
+            .iter()
+            .flat_map(|p| p.values.iter().copied())
+            .collect(),
+    )
 }
 
 fn run_steps(capacity: usize, step_tokens: usize, t: ElemType, gated: bool, seed: u64) {
@@ -46,19 +52,60 @@ fn run_steps(capacity: usize, step_tokens: usize, t: ElemType, gated: bool, seed
     let mut r = rng(seed);
     let sd = 1.0 / (DK as f64).sqrt().sqrt();
     let q = Data::new(&[B, total, HQ, DK], normal(&mut r, B * total * HQ * DK, sd));
-    let k = Data::new(&[B, total, HKV, DK], normal(&mut r, B * total * HKV * DK, sd));
-    let v = Data::new(&[B, total, HKV, DV], normal(&mut r, B * total * HKV * DV, 1.0));
-    let lg = Data::new(&[B, total, HKV], if gated { log_gates(&mut r, B * total * HKV, 3.0).iter().map(|&x| x as f32 as f64).collect() } else { vec![0.0; B * total * HKV] });
-    let dims = Dims { b: B, s: total, hq: HQ, hkv: HKV, dk: DK, dv: DV, d: 0, c: 0 };
+    let k = Data::new(
+        &[B, total, HKV, DK],
+        normal(&mut r, B * total * HKV * DK, sd),
+    );
+    let v = Data::new(
+        &[B, total, HKV, DV],
+        normal(&mut r, B * total * HKV * DV, 1.0),
+    );
+    let lg = Data::new(
+        &[B, total, HKV],
+        if gated {
+            log_gates(&mut r, B * total * HKV, 3.0)
+                .iter()
+                .map(|&x| x as f32 as f64)
+                .collect()
+        } else {
+            vec![0.0; B * total * HKV]
+        },
+    );
+    let dims = Dims {
+        b: B,
+        s: total,
+        hq: HQ,
+        hkv: HKV,
+        dk: DK,
+        dv: DV,
+        d: 0,
+        c: 0,
+    };
     let lg_opt = gated.then_some(&lg.values[..]);
-    let gold = reference::recurrent(dims, &q.rounded(t), &k.rounded(t), &v.rounded(t), lg_opt, None, None);
+    let gold = reference::recurrent(
+        dims,
+        &q.rounded(t),
+        &k.rounded(t),
+        &v.rounded(t),
+        lg_opt,
+        None,
+        None,
+    );
 
     // Ragged start: sequence β keeps its last m_β prompt tokens in the window, unfolded.
-    let m: Vec<usize> = (0..B).map(|bi| (bi * capacity / 2).min(capacity - 1)).collect();
+    let m: Vec<usize> = (0..B)
+        .map(|bi| (bi * capacity / 2).min(capacity - 1))
+        .collect();
     let gate = if gated { Some(ElemType::F32) } else { None };
-    let prefill_model = one_node_model(&POWER_RETENTION, &[Some(t), Some(t), Some(t), gate], &[Some(t), Some(ElemType::F32), Some(ElemType::F32)], &[]);
+    let prefill_model = one_node_model(
+        &POWER_RETENTION,
+        &[Some(t), Some(t), Some(t), gate],
+        &[Some(t), Some(ElemType::F32), Some(ElemType::F32)],
+        &[],
+    );
     let mut pre = session(&prefill_model).expect("prefill session");
-    let (mut states, mut sums, mut kcs, mut vcs, mut gcs) = (vec![], vec![], vec![], vec![], vec![]);
+    let (mut states, mut sums, mut kcs, mut vcs, mut gcs) =
+        (vec![], vec![], vec![], vec![], vec![]);
     for bi in 0..B {
         let folded = p - m[bi];
         let mut feeds: Vec<(&str, DynValue)> = vec![
@@ -67,11 +114,20 @@ fn run_steps(capacity: usize, step_tokens: usize, t: ElemType, gated: bool, seed
             ("value", tokens(&sequence(&v, bi), 0, folded).tensor(t)),
         ];
         if gated {
-            feeds.push(("log_gate", tokens(&sequence(&lg, bi), 0, folded).tensor(ElemType::F32)));
+            feeds.push((
+                "log_gate",
+                tokens(&sequence(&lg, bi), 0, folded).tensor(ElemType::F32),
+            ));
         }
         let out = pre.run(feeds).expect("prefill run");
-        states.push(Data { dims: out["present_state"].shape().to_vec(), values: values_of(&out["present_state"]) });
-        sums.push(Data { dims: out["present_sum_of_keys"].shape().to_vec(), values: values_of(&out["present_sum_of_keys"]) });
+        states.push(Data {
+            dims: out["present_state"].shape().to_vec(),
+            values: values_of(&out["present_state"]),
+        });
+        sums.push(Data {
+            dims: out["present_sum_of_keys"].shape().to_vec(),
+            values: values_of(&out["present_sum_of_keys"]),
+        });
         let window = |x: &Data, w: usize| {
             let mut d = tokens(&sequence(x, bi), folded, p);
             d.values.resize(capacity * HKV * w, 0.0);
@@ -96,7 +152,8 @@ fn run_steps(capacity: usize, step_tokens: usize, t: ElemType, gated: bool, seed
         ins[dcd::PAST_LOG_GATE_CACHE] = None;
         outs[dcd::PRESENT_LOG_GATE_CACHE] = None;
     }
-    let mut step = session(&one_node_model(&POWER_RETENTION_STEP, &ins, &outs, &[])).expect("step session");
+    let mut step =
+        session(&one_node_model(&POWER_RETENTION_STEP, &ins, &outs, &[])).expect("step session");
     let tol = tolerance(t);
     let mut folds = vec![0usize; B];
     for i in (p..total).step_by(step_tokens) {
@@ -117,10 +174,20 @@ fn run_steps(capacity: usize, step_tokens: usize, t: ElemType, gated: bool, seed
         }
         let out = step.run(feeds).expect("step run");
         let y = values_of(&out["output"]);
-        let want = tokens(&Data { dims: vec![B as i64, total as i64, HQ as i64, DV as i64], values: gold.output.clone() }, i, j);
+        let want = tokens(
+            &Data {
+                dims: vec![B as i64, total as i64, HQ as i64, DV as i64],
+                values: gold.output.clone(),
+            },
+            i,
+            j,
+        );
         let e = rel_err(&y, &want.values);
         assert!(e <= tol, "C={capacity} S={step_tokens} {t:?} gated={gated}: step at token {i}: rel err {e:.2e} > {tol:.1e}");
-        let grab = |name: &str| Data { dims: out[name].shape().to_vec(), values: values_of(&out[name]) };
+        let grab = |name: &str| Data {
+            dims: out[name].shape().to_vec(),
+            values: values_of(&out[name]),
+        };
         state = grab("present_state");
         sum = grab("present_sum_of_keys");
         kc = grab("present_key_cache");
@@ -135,22 +202,44 @@ fn run_steps(capacity: usize, step_tokens: usize, t: ElemType, gated: bool, seed
                 assert_eq!(after, 0, "a full window folds");
                 folds[bi] += 1;
             } else {
-                assert_eq!(after, before + step_tokens, "a window below capacity appends");
+                assert_eq!(
+                    after,
+                    before + step_tokens,
+                    "a window below capacity appends"
+                );
             }
         }
         len = new_len;
     }
-    assert!(folds.iter().all(|&f| f > 0), "every sequence folded at least once: {folds:?}");
+    assert!(
+        folds.iter().all(|&f| f > 0),
+        "every sequence folded at least once: {folds:?}"
+    );
     // After the steps, the state holds every token but the cached ones: compare with the oracle.
     for bi in 0..B {
         let folded = total - len.values[bi] as usize;
-        let one = Dims { b: 1, s: folded, ..dims };
+        let one = Dims {
+            b: 1,
+            s: folded,
+            ..dims
+        };
         let sq = |x: &Data| tokens(&sequence(x, bi), 0, folded).rounded(t);
         let lgs = tokens(&sequence(&lg, bi), 0, folded).values;
-        let want = reference::recurrent(one, &sq(&q), &sq(&k), &sq(&v), gated.then_some(&lgs[..]), None, None);
+        let want = reference::recurrent(
+            one,
+            &sq(&q),
+            &sq(&k),
+            &sq(&v),
+            gated.then_some(&lgs[..]),
+            None,
+            None,
+        );
         let got = sequence(&state, bi).values;
         let e = rel_err(&got, &want.state);
-        assert!(e <= 2e-5, "C={capacity}: state of sequence {bi} after {folded} folded tokens: rel err {e:.2e}");
+        assert!(
+            e <= 2e-5,
+            "C={capacity}: state of sequence {bi} after {folded} folded tokens: rel err {e:.2e}"
+        );
     }
 }
 

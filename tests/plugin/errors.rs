@@ -3,7 +3,9 @@
 
 use crate::common::*;
 use ort::value::DynValue;
-use power_retention_ort::schema::{decode as dcd, prefill as pf, ElemType, OpSchema, POWER_RETENTION, POWER_RETENTION_STEP};
+use power_retention_ort::schema::{
+    decode as dcd, prefill as pf, ElemType, OpSchema, POWER_RETENTION, POWER_RETENTION_STEP,
+};
 
 const F: ElemType = ElemType::F32;
 
@@ -11,7 +13,11 @@ const F: ElemType = ElemType::F32;
 type Feeds = Vec<(&'static str, Vec<usize>, ElemType)>;
 
 fn prefill_feeds() -> Feeds {
-    vec![("query", vec![1, 4, 4, 8], F), ("key", vec![1, 4, 2, 8], F), ("value", vec![1, 4, 2, 6], F)]
+    vec![
+        ("query", vec![1, 4, 4, 8], F),
+        ("key", vec![1, 4, 2, 8], F),
+        ("value", vec![1, 4, 2, 6], F),
+    ]
 }
 
 fn step_feeds() -> Feeds {
@@ -30,7 +36,15 @@ fn step_feeds() -> Feeds {
 fn set(feeds: &mut Feeds, name: &'static str, dims: &[usize]) {
     match feeds.iter_mut().find(|f| f.0 == name) {
         Some(f) => f.1 = dims.to_vec(),
-        None => feeds.push((name, dims.to_vec(), if name == "cache_length" { ElemType::I64 } else { F })),
+        None => feeds.push((
+            name,
+            dims.to_vec(),
+            if name == "cache_length" {
+                ElemType::I64
+            } else {
+                F
+            },
+        )),
     }
 }
 
@@ -39,7 +53,13 @@ fn drop_feed(feeds: &mut Feeds, name: &str) {
 }
 
 /// Builds the node with exactly the fed inputs wired, runs it, and returns the error text.
-fn error_of(op: &OpSchema, feeds: &Feeds, outputs: &[usize], attrs: &[(&str, Attr)], cache_length: i64) -> String {
+fn error_of(
+    op: &OpSchema,
+    feeds: &Feeds,
+    outputs: &[usize],
+    attrs: &[(&str, Attr)],
+    cache_length: i64,
+) -> String {
     let mut ins: Vec<Option<ElemType>> = vec![None; op.inputs.len()];
     for (name, _, t) in feeds {
         ins[op.input_index(name).expect("port")] = Some(*t);
@@ -57,7 +77,11 @@ fn error_of(op: &OpSchema, feeds: &Feeds, outputs: &[usize], attrs: &[(&str, Att
         .iter()
         .map(|(name, dims, t)| {
             let n: usize = dims.iter().product();
-            let vals = if *name == "cache_length" { vec![cache_length as f64; n] } else { vec![0.25; n] };
+            let vals = if *name == "cache_length" {
+                vec![cache_length as f64; n]
+            } else {
+                vec![0.25; n]
+            };
             (*name, Data::new(dims, vals).tensor(*t))
         })
         .collect();
@@ -72,7 +96,10 @@ fn expect(msg: &str, needles: &[&str]) {
     for n in needles {
         assert!(msg.contains(n), "error message lacks {n:?}:\n{msg}");
     }
-    assert!(!msg.contains("internal error"), "a bad input must not reach a panic:\n{msg}");
+    assert!(
+        !msg.contains("internal error"),
+        "a bad input must not reach a panic:\n{msg}"
+    );
 }
 
 const PRE_OUT: &[usize] = &[pf::OUTPUT];
@@ -84,11 +111,19 @@ fn prefill_rejects_bad_ranks_and_mismatched_dims() {
         ("query", &[1, 4, 32], &["input 'query'", "rank 4"]),
         ("key", &[1, 4, 2, 8, 1], &["input 'key'", "rank 4"]),
         ("value", &[1, 4, 12], &["input 'value'", "rank 4"]),
-        ("key", &[2, 4, 2, 8], &["input 'key'", "B", "'query' has B = 1"]),
+        (
+            "key",
+            &[2, 4, 2, 8],
+            &["input 'key'", "B", "'query' has B = 1"],
+        ),
         ("key", &[1, 5, 2, 8], &["input 'key'", "'query' has S = 4"]),
         ("key", &[1, 4, 2, 7], &["input 'key'", "'query' has Dk = 8"]),
         ("value", &[1, 3, 2, 6], &["input 'value'", "S = 4"]),
-        ("value", &[1, 4, 1, 6], &["input 'value'", "'key' has Hkv = 2"]),
+        (
+            "value",
+            &[1, 4, 1, 6],
+            &["input 'value'", "'key' has Hkv = 2"],
+        ),
     ];
     for (name, dims, needles) in cases {
         let mut f = prefill_feeds();
@@ -98,74 +133,169 @@ fn prefill_rejects_bad_ranks_and_mismatched_dims() {
     let mut f = prefill_feeds();
     set(&mut f, "key", &[1, 4, 3, 8]);
     set(&mut f, "value", &[1, 4, 3, 6]);
-    expect(&error_of(&POWER_RETENTION, &f, PRE_OUT, &[], 0), &["Hq = 4", "Hkv = 3", "multiple"]);
+    expect(
+        &error_of(&POWER_RETENTION, &f, PRE_OUT, &[], 0),
+        &["Hq = 4", "Hkv = 3", "multiple"],
+    );
     let mut f = prefill_feeds();
     set(&mut f, "key", &[1, 4, 0, 8]);
     set(&mut f, "value", &[1, 4, 0, 6]);
-    expect(&error_of(&POWER_RETENTION, &f, PRE_OUT, &[], 0), &["input 'key'", "Hkv must be ≥ 1"]);
+    expect(
+        &error_of(&POWER_RETENTION, &f, PRE_OUT, &[], 0),
+        &["input 'key'", "Hkv must be ≥ 1"],
+    );
     let mut f = prefill_feeds();
     for n in ["query", "key"] {
         set(&mut f, n, &[1, 4, if n == "query" { 4 } else { 2 }, 0]);
     }
-    expect(&error_of(&POWER_RETENTION, &f, PRE_OUT, &[], 0), &["Dk must be ≥ 1"]);
+    expect(
+        &error_of(&POWER_RETENTION, &f, PRE_OUT, &[], 0),
+        &["Dk must be ≥ 1"],
+    );
 }
 
 #[test]
 fn prefill_rejects_bad_gates_and_states() {
     let mut f = prefill_feeds();
     set(&mut f, "log_gate", &[1, 4]);
-    expect(&error_of(&POWER_RETENTION, &f, PRE_OUT, &[], 0), &["input 'log_gate'", "rank 3"]);
+    expect(
+        &error_of(&POWER_RETENTION, &f, PRE_OUT, &[], 0),
+        &["input 'log_gate'", "rank 3"],
+    );
     let mut f = prefill_feeds();
     set(&mut f, "log_gate", &[1, 4, 4]);
-    expect(&error_of(&POWER_RETENTION, &f, PRE_OUT, &[], 0), &["input 'log_gate'", "Hkv = 2"]);
+    expect(
+        &error_of(&POWER_RETENTION, &f, PRE_OUT, &[], 0),
+        &["input 'log_gate'", "Hkv = 2"],
+    );
 
     let mut f = prefill_feeds();
     set(&mut f, "past_state", &[1, 2, 36, 6]);
-    expect(&error_of(&POWER_RETENTION, &f, PRE_OUT, &[], 0), &["input 'past_sum_of_keys' is required", "'past_state' is given"]);
+    expect(
+        &error_of(&POWER_RETENTION, &f, PRE_OUT, &[], 0),
+        &[
+            "input 'past_sum_of_keys' is required",
+            "'past_state' is given",
+        ],
+    );
     let mut f = prefill_feeds();
     set(&mut f, "past_sum_of_keys", &[1, 2, 36]);
-    expect(&error_of(&POWER_RETENTION, &f, PRE_OUT, &[], 0), &["input 'past_state' is required"]);
+    expect(
+        &error_of(&POWER_RETENTION, &f, PRE_OUT, &[], 0),
+        &["input 'past_state' is required"],
+    );
     let mut f = prefill_feeds();
     set(&mut f, "past_state", &[1, 2, 64, 6]);
     set(&mut f, "past_sum_of_keys", &[1, 2, 36]);
-    expect(&error_of(&POWER_RETENTION, &f, PRE_OUT, &[], 0), &["input 'past_state'", "D = Dk(Dk+1)/2 = 36"]);
+    expect(
+        &error_of(&POWER_RETENTION, &f, PRE_OUT, &[], 0),
+        &["input 'past_state'", "D = Dk(Dk+1)/2 = 36"],
+    );
     let mut f = prefill_feeds();
     set(&mut f, "past_state", &[1, 2, 36, 5]);
     set(&mut f, "past_sum_of_keys", &[1, 2, 36]);
-    expect(&error_of(&POWER_RETENTION, &f, PRE_OUT, &[], 0), &["input 'past_state'", "Dv = 6"]);
+    expect(
+        &error_of(&POWER_RETENTION, &f, PRE_OUT, &[], 0),
+        &["input 'past_state'", "Dv = 6"],
+    );
     let mut f = prefill_feeds();
     set(&mut f, "past_state", &[1, 2, 36, 6]);
     set(&mut f, "past_sum_of_keys", &[1, 2, 35]);
-    expect(&error_of(&POWER_RETENTION, &f, PRE_OUT, &[], 0), &["input 'past_sum_of_keys'", "36"]);
+    expect(
+        &error_of(&POWER_RETENTION, &f, PRE_OUT, &[], 0),
+        &["input 'past_sum_of_keys'", "36"],
+    );
 }
 
 #[test]
 fn bad_attributes_are_refused_by_name() {
     let f = prefill_feeds();
-    expect(&error_of(&POWER_RETENTION, &f, PRE_OUT, &[("deg", Attr::Int(3))], 0), &["attribute 'deg'", "even"]);
-    expect(&error_of(&POWER_RETENTION, &f, PRE_OUT, &[("deg", Attr::Int(0))], 0), &["attribute 'deg'"]);
-    expect(&error_of(&POWER_RETENTION, &f, PRE_OUT, &[("chunk_size", Attr::Int(0))], 0), &["attribute 'chunk_size'"]);
-    expect(&error_of(&POWER_RETENTION, &f, PRE_OUT, &[("scale", Attr::Float(f32::NAN))], 0), &["attribute 'scale'", "finite"]);
-    expect(&error_of(&POWER_RETENTION, &f, PRE_OUT, &[("scale", Attr::Float(f32::INFINITY))], 0), &["attribute 'scale'"]);
-    expect(&error_of(&POWER_RETENTION, &f, &[pf::OUTPUT, pf::PRESENT_STATE], &[("deg", Attr::Int(4))], 0), &["deg 4", "state"]);
-    expect(&error_of(&POWER_RETENTION_STEP, &step_feeds(), STEP_OUT, &[("deg", Attr::Int(4))], 0), &["deg 4", "state"]);
+    expect(
+        &error_of(&POWER_RETENTION, &f, PRE_OUT, &[("deg", Attr::Int(3))], 0),
+        &["attribute 'deg'", "even"],
+    );
+    expect(
+        &error_of(&POWER_RETENTION, &f, PRE_OUT, &[("deg", Attr::Int(0))], 0),
+        &["attribute 'deg'"],
+    );
+    expect(
+        &error_of(
+            &POWER_RETENTION,
+            &f,
+            PRE_OUT,
+            &[("chunk_size", Attr::Int(0))],
+            0,
+        ),
+        &["attribute 'chunk_size'"],
+    );
+    expect(
+        &error_of(
+            &POWER_RETENTION,
+            &f,
+            PRE_OUT,
+            &[("scale", Attr::Float(f32::NAN))],
+            0,
+        ),
+        &["attribute 'scale'", "finite"],
+    );
+    expect(
+        &error_of(
+            &POWER_RETENTION,
+            &f,
+            PRE_OUT,
+            &[("scale", Attr::Float(f32::INFINITY))],
+            0,
+        ),
+        &["attribute 'scale'"],
+    );
+    expect(
+        &error_of(
+            &POWER_RETENTION,
+            &f,
+            &[pf::OUTPUT, pf::PRESENT_STATE],
+            &[("deg", Attr::Int(4))],
+            0,
+        ),
+        &["deg 4", "state"],
+    );
+    expect(
+        &error_of(
+            &POWER_RETENTION_STEP,
+            &step_feeds(),
+            STEP_OUT,
+            &[("deg", Attr::Int(4))],
+            0,
+        ),
+        &["deg 4", "state"],
+    );
 }
 
 #[test]
 fn wrong_element_types_are_refused() {
     let mut f = prefill_feeds();
     f.push(("log_gate", vec![1, 4, 2], ElemType::F16));
-    expect(&error_of(&POWER_RETENTION, &f, PRE_OUT, &[], 0), &["log_gate"]);
+    expect(
+        &error_of(&POWER_RETENTION, &f, PRE_OUT, &[], 0),
+        &["log_gate"],
+    );
     let mut f = step_feeds();
     f.retain(|x| x.0 != "cache_length");
     f.push(("cache_length", vec![1], ElemType::F32));
-    expect(&error_of(&POWER_RETENTION_STEP, &f, STEP_OUT, &[], 0), &["cache_length"]);
+    expect(
+        &error_of(&POWER_RETENTION_STEP, &f, STEP_OUT, &[], 0),
+        &["cache_length"],
+    );
 }
 
 #[test]
 fn step_rejects_bad_caches_and_lengths() {
     let base = step_feeds();
-    let run = |f: &Feeds, len: i64, needles: &[&str]| expect(&error_of(&POWER_RETENTION_STEP, f, STEP_OUT, &[], len), needles);
+    let run = |f: &Feeds, len: i64, needles: &[&str]| {
+        expect(
+            &error_of(&POWER_RETENTION_STEP, f, STEP_OUT, &[], len),
+            needles,
+        )
+    };
     run(&base, 5, &["input 'cache_length'", "5", "[0, 4]"]);
     run(&base, -1, &["input 'cache_length'", "-1"]);
     let mut f = base.clone();
@@ -199,19 +329,37 @@ fn step_rejects_bad_caches_and_lengths() {
 fn step_gating_inputs_go_together() {
     let mut f = step_feeds();
     set(&mut f, "log_gate", &[1, 1, 2]);
-    expect(&error_of(&POWER_RETENTION_STEP, &f, STEP_OUT, &[], 0), &["input 'past_log_gate_cache' is required", "'log_gate' is given"]);
+    expect(
+        &error_of(&POWER_RETENTION_STEP, &f, STEP_OUT, &[], 0),
+        &[
+            "input 'past_log_gate_cache' is required",
+            "'log_gate' is given",
+        ],
+    );
     let mut f = step_feeds();
     set(&mut f, "past_log_gate_cache", &[1, 4, 2]);
-    expect(&error_of(&POWER_RETENTION_STEP, &f, STEP_OUT, &[], 0), &["input 'log_gate' is required"]);
+    expect(
+        &error_of(&POWER_RETENTION_STEP, &f, STEP_OUT, &[], 0),
+        &["input 'log_gate' is required"],
+    );
     let f = step_feeds();
-    expect(&error_of(&POWER_RETENTION_STEP, &f, &[0, 1, 2, 3, 4, 5, 6], &[], 0), &["output 'present_log_gate_cache'", "input 'log_gate'"]);
+    expect(
+        &error_of(&POWER_RETENTION_STEP, &f, &[0, 1, 2, 3, 4, 5, 6], &[], 0),
+        &["output 'present_log_gate_cache'", "input 'log_gate'"],
+    );
     let mut f = step_feeds();
     set(&mut f, "log_gate", &[1, 1, 2]);
     set(&mut f, "past_log_gate_cache", &[1, 4, 3]);
-    expect(&error_of(&POWER_RETENTION_STEP, &f, STEP_OUT, &[], 0), &["input 'past_log_gate_cache'", "Hkv = 2"]);
+    expect(
+        &error_of(&POWER_RETENTION_STEP, &f, STEP_OUT, &[], 0),
+        &["input 'past_log_gate_cache'", "Hkv = 2"],
+    );
     let mut f = step_feeds();
     drop_feed(&mut f, "past_state");
     // A required input left unwired is refused by ORT's graph check, which counts ports from 0.
-    expect(&error_of(&POWER_RETENTION_STEP, &f, STEP_OUT, &[], 0), &["node0", "input 4"]);
+    expect(
+        &error_of(&POWER_RETENTION_STEP, &f, STEP_OUT, &[], 0),
+        &["node0", "input 4"],
+    );
     let _ = dcd::QUERY;
 }
