@@ -598,3 +598,25 @@ mod tests {
         assert_eq!(expanded_dim(1, 2), Some(1));
     }
 }
+
+#[cfg(test)]
+mod readme {
+    #[test]
+    fn readme_op_reference_is_generated_from_the_table() {
+        let readme =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"))
+                .expect("README.md");
+        let begin = readme
+            .find("<!-- op-reference:begin")
+            .expect("begin marker");
+        let start = readme[begin..].find("-->").expect("end of begin marker") + begin + 3;
+        let end = readme
+            .find("<!-- op-reference:end -->")
+            .expect("end marker");
+        assert_eq!(
+            readme[start..end].trim(),
+            super::markdown_reference().trim(),
+            "README op reference is stale: cargo run -p power-retention-schema --example op_reference"
+        );
+    }
+}

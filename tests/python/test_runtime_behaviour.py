@@ -134,3 +134,17 @@ def test_session_reports_shapes_inferred_from_the_op_table():
     shapes = {o.name: o.shape for o in session(m).get_outputs()}
     assert shapes["output"] == ["batch", "seq", 4, 32]
     assert shapes["present_state"] == ["batch", 2, 2080, 32]
+
+
+def test_an_older_runtime_is_refused_with_a_clear_status():
+    """ORT 1.20 lacks API 22: registration must fail with our message, not crash the process."""
+    import subprocess
+    old = ROOT / ".venv-ort120" / "bin" / "python"
+    if not old.exists():
+        pytest.fail("ONNX Runtime 1.20 venv missing: run scripts/setup.sh")
+    code = ("import onnxruntime as o, sys\n"
+            "so = o.SessionOptions()\n"
+            "try:\n    so.register_custom_ops_library(sys.argv[1])\nexcept Exception as e:\n    print('REFUSED', e)\n")
+    out = subprocess.run([str(old), "-c", code, plugin_path()], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "REFUSED" in out.stdout and "needs ONNX Runtime API 22" in out.stdout and "1.20.1" in out.stdout, out.stdout

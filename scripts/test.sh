@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it (`.ci/run` calls this). Installs what it needs first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+setup_args=()
+[[ ${POWER_RETENTION_CPU_ONLY:-0} == 1 ]] || setup_args+=(--cuda)
+eval "export $(bash scripts/setup.sh "${setup_args[@]}" | grep '^ORT_DYLIB_PATH=')"
+features=()
+if [[ ${POWER_RETENTION_CPU_ONLY:-0} != 1 ]]; then
+  export CUDA_PATH=$PWD/.cuda/nvidia/cu13 POWER_RETENTION_REQUIRE_CUDA=1
+  features=(--features cuda)
+fi
+
+echo "== format and lints"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets "${features[@]}" -- -D warnings
+
+echo "== Rust tests (plugin through ONNX Runtime, exporter)"
+cargo build --release -p power-retention-ort "${features[@]}"
+cargo test --release --workspace "${features[@]}"
+
+echo "== Python tests (plugin loaded by onnxruntime $(.venv/bin/python -c 'import onnxruntime as o; print(o.__version__)'))"
+POWER_RETENTION_LIB=$PWD/target/release/libpower_retention_ort.so .venv/bin/python -m pytest tests/python -q
