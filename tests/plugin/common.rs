@@ -68,14 +68,19 @@ pub fn env() -> &'static Environment {
     })
 }
 
+/// Held while creating a session (see [`session`]).
+pub fn creation_lock() -> std::sync::MutexGuard<'static, ()> {
+    static CREATE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    CREATE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A CPU session of `model` with the plugin registered.
 ///
 /// Session creation is serialised: ORT adds a custom domain to ONNX's process-global
 /// domain-version map with a check-then-insert that races when two sessions register the same
 /// custom-op domain at once ("domain is already exist").
 pub fn session(model: &[u8]) -> ort::Result<Session> {
-    static CREATE: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one_at_a_time = CREATE.lock().unwrap_or_else(|e| e.into_inner());
+    let _one_at_a_time = creation_lock();
     Session::builder(env())?
         .with_intra_threads(2)?
         .with_operator_library(plugin_path())?

@@ -4,6 +4,7 @@
 // Tests index several per-sequence arrays in step; range loops read clearer there.
 #![allow(clippy::needless_range_loop)]
 
+mod c_api;
 mod common;
 mod continuation;
 mod errors;
