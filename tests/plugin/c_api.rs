@@ -77,9 +77,11 @@ fn models() -> [Vec<u8>; 2] {
 fn c_api_register_custom_ops_library_v2_loads_both_ops() {
     let path = CString::new(plugin_path().to_string_lossy().as_bytes()).unwrap();
     for model in models() {
-        // SAFETY: opts is live; path outlives the call.
         create_session(
-            |opts| check(unsafe { (ort::api().RegisterCustomOpsLibrary_V2)(opts, path.as_ptr()) }),
+            |opts| {
+                // SAFETY: opts is live; path outlives the call.
+                check(unsafe { (ort::api().RegisterCustomOpsLibrary_V2)(opts, path.as_ptr()) })
+            },
             &model,
         )
         .expect("session via RegisterCustomOpsLibrary_V2");
@@ -101,9 +103,9 @@ fn c_api_register_custom_ops_using_function_after_the_host_loaded_the_library() 
     .expect("dlopen plugin");
     let name = CString::new("RegisterCustomOps").unwrap();
     for model in models() {
-        // SAFETY: opts is live; name outlives the call.
         create_session(
             |opts| {
+                // SAFETY: opts is live; name outlives the call.
                 check(unsafe { (ort::api().RegisterCustomOpsUsingFunction)(opts, name.as_ptr()) })
             },
             &model,
