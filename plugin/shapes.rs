@@ -470,4 +470,70 @@ mod tests {
         assert_eq!(out[decode::PRESENT_KEY_CACHE][1], k(16));
         let _ = prefill::OUTPUT;
     }
+
+    #[test]
+    fn validation_never_panics_on_arbitrary_shapes() {
+        // A small xorshift keeps this test dependency-free and reproducible.
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        for op in [&POWER_RETENTION, &POWER_RETENTION_STEP] {
+            for _ in 0..20_000 {
+                let dims: Vec<Vec<i64>> = op
+                    .inputs
+                    .iter()
+                    .map(|p| {
+                        let rank = if next(8) == 0 {
+                            next(6) as usize
+                        } else {
+                            p.shape.len()
+                        };
+                        (0..rank)
+                            .map(|_| {
+                                [0, 1, 2, 3, 4, 8, 36, 64][next(8) as usize]
+                                    - i64::from(next(50) == 0)
+                            })
+                            .collect()
+                    })
+                    .collect();
+                let ins: Vec<Option<InputMeta<'_>>> = dims
+                    .iter()
+                    .zip(op.inputs)
+                    .map(|(d, p)| {
+                        (!p.optional || next(2) == 0).then_some(InputMeta {
+                            dims: d,
+                            elem: p.ty.resolve(ElemType::F32),
+                        })
+                    })
+                    .collect();
+                let outs: Vec<bool> = op.outputs.iter().map(|_| next(2) == 0).collect();
+                let cfg = Config {
+                    deg: [2, 4][next(2) as usize],
+                    scale: 0.0,
+                    chunk_size: 64,
+                };
+                if let Ok(d) = validate(op, &cfg, ElemType::F32, &ins, &outs) {
+                    assert!(
+                        d.hkv >= 1 && d.hq % d.hkv == 0 && d.dk >= 1 && d.dv >= 1,
+                        "{d:?}"
+                    );
+                    for (port, meta) in op.inputs.iter().zip(&ins) {
+                        if let Some(m) = meta {
+                            assert_eq!(
+                                d.shape_of(port.shape),
+                                m.dims,
+                                "{}: {}",
+                                op.name,
+                                port.name
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
