@@ -1,0 +1,202 @@
+//! Stateful decoding of a rewritten model: per-sequence prefill, then batched steps with every
+//! state, cache and cache-length tensor bound in place (one device buffer each, read and written
+//! by the step), so no state tensor crosses to the host between tokens.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use ort::session::IoBinding;
+use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::Session;
+use ort::value::DynTensor;
+
+use super::runtime::{Device, Runtime};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::tensor::{Host, HostData};
+use crate::manifest::{Manifest, StateTensor};
+
+/// The rewritten prefill/decode pair with its state description.
+pub struct PowerModel {
+    pub manifest: Manifest,
+    prefill: Session,
+    decode: Session,
+    device: Device,
+}
+
+/// Batched decoding buffers bound in place to the decode session.
+pub struct DecodeState {
+    /// One buffer per state tensor of the manifest, in manifest order.
+    buffers: Vec<DynTensor>,
+    binding: IoBinding,
+    pub batch: usize,
+    /// Tokens seen so far per sequence (the next position id).
+    pub lengths: Vec<i64>,
+}
+
+impl PowerModel {
+    pub fn load(rt: &Runtime, dir: &Path, device: Device) -> Result<PowerModel> {
+        let manifest = Manifest::read(dir)?;
+        let prefill = rt.session(&dir.join(&manifest.prefill.file), device, false)?;
+        let decode = rt.session(&dir.join(&manifest.decode.file), device, device.cuda_graph())?;
+        Ok(PowerModel { manifest, prefill, decode, device })
+    }
+
+    /// Bytes of state one sequence carries between tokens (every layer).
+    pub fn state_bytes_per_sequence(&self) -> u64 {
+        self.manifest.state.iter().map(|s| s.bytes_per_sequence()).sum()
+    }
+
+    /// Runs the prefill model on one sequence; returns logits for every position (P × vocab) and the
+    /// prefill's state outputs by manifest index.
+    pub fn prefill_one(&mut self, tokens: &[i64]) -> Result<(Vec<Vec<f32>>, HashMap<usize, Host>)> {
+        let p = tokens.len() as i64;
+        let io = &self.manifest.prefill;
+        let mut feeds: Vec<(String, ort::session::SessionInputValue<'_>)> = vec![(io.input_ids.clone(), Host::i64(&[1, p], tokens.to_vec()).to_ort(&Allocator::default())?.into())];
+        if let Some(name) = &io.position_ids {
+            feeds.push((name.clone(), Host::i64(&[1, p], (0..p).collect()).to_ort(&Allocator::default())?.into()));
+        }
+        if let Some(name) = &io.attention_mask {
+            feeds.push((name.clone(), Host::i64(&[1, p], vec![1; p as usize]).to_ort(&Allocator::default())?.into()));
+        }
+        let out = self.prefill.run(feeds).context("prefill run")?;
+        let logits = Host::from_ort_anywhere(&out[io.logits.as_str()])?;
+        let vocab = *logits.shape.last().context("logits rank")? as usize;
+        let flat = logits.to_f32();
+        let rows = flat.chunks(vocab).map(<[f32]>::to_vec).collect();
+        let mut states = HashMap::new();
+        for (i, s) in self.manifest.state.iter().enumerate() {
+            if let Some(name) = &s.prefill_output {
+                states.insert(i, Host::from_ort_anywhere(&out[name.as_str()]).with_context(|| format!("prefill output {name}"))?);
+            }
+        }
+        Ok((rows, states))
+    }
+
+    /// Prefills each prompt separately (ragged lengths need no padding) and assembles the batch's
+    /// decode buffers; returns the buffers and the last-position logits of each prompt.
+    pub fn start(&mut self, prompts: &[Vec<i64>]) -> Result<(DecodeState, Vec<Vec<f32>>)> {
+        let b = prompts.len();
+        let mut batch: Vec<Host> = self.manifest.state.iter().map(|s| Host::zeros(&s.dtype, &s.shape_for(b))).collect::<Result<_>>()?;
+        let mut last = Vec::with_capacity(b);
+        for (bi, prompt) in prompts.iter().enumerate() {
+            if prompt.is_empty() {
+                bail!("prompt {bi} is empty: prefill needs at least one token");
+            }
+            let (logits, states) = self.prefill_one(prompt)?;
+            last.push(logits.last().cloned().context("prefill returned no logits")?);
+            for (i, host) in states {
+                let per = host.len();
+                batch[i].write_at(bi * per, &host).with_context(|| format!("state tensor {}", self.manifest.state[i].decode_input))?;
+            }
+        }
+        let lengths = prompts.iter().map(|p| p.len() as i64).collect();
+        Ok((self.bind(batch, lengths)?, last))
+    }
+
+    /// Uploads the batch's buffers and binds each as both input and output of the decode step.
+    fn bind(&mut self, hosts: Vec<Host>, lengths: Vec<i64>) -> Result<DecodeState> {
+        let b = lengths.len();
+        let alloc = self.allocator()?;
+        let buffers: Vec<DynTensor> = hosts.iter().map(|h| h.to_ort(&alloc)).collect::<Result<_>>()?;
+        let mut binding = self.decode.create_binding()?;
+        for (s, buf) in self.manifest.state.iter().zip(buffers.iter()) {
+            binding.bind_input(s.decode_input.as_str(), buf)?;
+        }
+        let mut state = DecodeState { buffers, binding, batch: b, lengths };
+        for (s, buf) in self.manifest.state.iter().zip(state.buffers.iter_mut()) {
+            // The same buffer as input and output: the step updates it in place.
+            state.binding.bind_output(s.decode_output.as_str(), &mut *buf)?;
+        }
+        let cpu = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)?;
+        state.binding.bind_output_to_device(self.manifest.decode.logits.as_str(), &cpu)?;
+        Ok(state)
+    }
+
+    /// One decode step: feeds one new token per sequence, returns each sequence's logits.
+    pub fn step(&mut self, st: &mut DecodeState, tokens: &[i64]) -> Result<Vec<Vec<f32>>> {
+        let b = st.batch as i64;
+        let io = &self.manifest.decode;
+        st.binding.bind_input(io.input_ids.as_str(), &Host::i64(&[b, 1], tokens.to_vec()).to_ort(&Allocator::default())?)?;
+        if let Some(name) = &io.position_ids {
+            st.binding.bind_input(name.as_str(), &Host::i64(&[b, 1], st.lengths.clone()).to_ort(&Allocator::default())?)?;
+        }
+        if let Some(name) = &io.attention_mask {
+            let total = st.lengths.iter().max().copied().unwrap_or(0) + 1;
+            st.binding.bind_input(name.as_str(), &Host::i64(&[b, total], vec![1; (b * total) as usize]).to_ort(&Allocator::default())?)?;
+        }
+        let out = self.decode.run_binding(&st.binding).context("decode step")?;
+        let logits = Host::from_ort_anywhere(&out[io.logits.as_str()])?;
+        let vocab = *logits.shape.last().context("logits rank")? as usize;
+        for l in st.lengths.iter_mut() {
+            *l += 1;
+        }
+        Ok(logits.to_f32().chunks(vocab).map(<[f32]>::to_vec).collect())
+    }
+
+    /// Decode buffers as after `context` tokens of history: random state values of realistic size
+    /// and a window filled to `context mod C` (for timing; a step's cost does not depend on values).
+    pub fn start_synthetic(&mut self, batch: usize, context: usize, seed: u64) -> Result<DecodeState> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let fill = (context as i64).rem_euclid(self.manifest.cache_capacity.max(1));
+        let mut hosts = Vec::with_capacity(self.manifest.state.len());
+        for s in &self.manifest.state {
+            let mut h = Host::zeros(&s.dtype, &s.shape_for(batch))?;
+            match (&mut h.data, s.role.as_str()) {
+                (HostData::I64(v), _) => v.iter_mut().for_each(|x| *x = fill),
+                // Sums of expanded keys stay positive so every denominator is.
+                (HostData::F32(v), "sum_of_keys") => v.iter_mut().for_each(|x| *x = rng.random_range(0.5..1.0)),
+                (HostData::F32(v), "log_gate_cache") => v.iter_mut().for_each(|x| *x = -0.01),
+                (HostData::F32(v), _) => v.iter_mut().for_each(|x| *x = rng.random_range(-0.1..0.1)),
+                (HostData::F16(v), _) => v.iter_mut().for_each(|x| *x = half::f16::from_f32(rng.random_range(-1.0..1.0))),
+                (HostData::BF16(v), _) => v.iter_mut().for_each(|x| *x = half::bf16::from_f32(rng.random_range(-1.0..1.0))),
+            }
+            hosts.push(h);
+        }
+        self.bind(hosts, vec![context as i64; batch])
+    }
+
+    /// Times `steps` decode steps from a synthetic history of `context` tokens.
+    pub fn time_steps(&mut self, batch: usize, context: usize, steps: usize, seed: u64) -> Result<Vec<f64>> {
+        let mut st = self.start_synthetic(batch, context, seed)?;
+        let tokens: Vec<i64> = (0..batch as i64).map(|i| i % 7).collect();
+        let mut times = Vec::with_capacity(steps);
+        for _ in 0..steps {
+            let t = std::time::Instant::now();
+            self.step(&mut st, &tokens)?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        Ok(times)
+    }
+
+    /// Reads one state buffer back (tests and checks; never on the decode path).
+    pub fn read_state(&self, st: &DecodeState, index: usize) -> Result<Host> {
+        Host::from_ort_anywhere(&st.buffers[index].clone().into_dyn())
+    }
+
+    fn allocator(&self) -> Result<Allocator> {
+        Ok(match self.device {
+            Device::Cpu => Allocator::default(),
+            Device::Cuda { .. } => Allocator::new(&self.decode, MemoryInfo::new(AllocationDevice::CUDA, 0, AllocatorType::Device, MemoryType::Default)?)?,
+        })
+    }
+}
+
+impl StateTensor {
+    /// The shape for a batch of `b` (the manifest writes the batch dim as -1).
+    pub fn shape_for(&self, b: usize) -> Vec<i64> {
+        self.shape.iter().map(|&d| if d < 0 { b as i64 } else { d }).collect()
+    }
+
+    pub fn bytes_per_sequence(&self) -> u64 {
+        let n: i64 = self.shape.iter().map(|&d| if d < 0 { 1 } else { d }).product();
+        let each = match self.dtype.as_str() {
+            "float16" | "bfloat16" => 2,
+            "int64" => 8,
+            _ => 4,
+        };
+        n as u64 * each
+    }
+}

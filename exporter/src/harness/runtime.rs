@@ -1,0 +1,129 @@
+//! ONNX Runtime for the harness: loaded dynamically (the `libonnxruntime.so` inside the
+//! `onnxruntime` wheel, or ORT_DYLIB_PATH), with the plugin registered on every session.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use ort::environment::Environment;
+use ort::session::Session;
+
+/// Where the models run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    /// ORT's CUDA execution provider; `graph` captures the decode step in a CUDA graph.
+    Cuda { graph: bool },
+}
+
+impl Device {
+    pub fn cuda_graph(self) -> bool {
+        matches!(self, Device::Cuda { graph: true })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+            Device::Cuda { graph: false } => "cuda",
+            Device::Cuda { graph: true } => "cuda+graph",
+        }
+    }
+}
+
+pub struct Runtime {
+    env: Environment,
+    pub plugin: PathBuf,
+    pub ort_lib: PathBuf,
+    pub threads: usize,
+}
+
+/// The ORT shared library: `--ort`, else ORT_DYLIB_PATH, else the wheel in `.venv`.
+pub fn find_ort(explicit: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p.to_path_buf());
+    }
+    if let Ok(p) = std::env::var("ORT_DYLIB_PATH") {
+        return Ok(PathBuf::from(p));
+    }
+    for root in roots() {
+        let lib = root.join(".venv/lib");
+        let Ok(pythons) = std::fs::read_dir(&lib) else { continue };
+        for py in pythons.flatten() {
+            let capi = py.path().join("site-packages/onnxruntime/capi");
+            if let Ok(files) = std::fs::read_dir(&capi) {
+                for f in files.flatten() {
+                    if f.file_name().to_string_lossy().starts_with("libonnxruntime.so.") {
+                        return Ok(f.path());
+                    }
+                }
+            }
+        }
+    }
+    bail!("ONNX Runtime not found: pass --ort PATH/libonnxruntime.so.1.x, set ORT_DYLIB_PATH, or run scripts/setup.sh (installs the onnxruntime wheel into .venv)")
+}
+
+/// The plugin: `--plugin`, else POWER_RETENTION_LIB, else beside this executable.
+pub fn find_plugin(explicit: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p.to_path_buf());
+    }
+    if let Ok(p) = std::env::var("POWER_RETENTION_LIB") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().context("locate the executable")?;
+    for dir in exe.ancestors().skip(1).take(3) {
+        let lib = dir.join("libpower_retention_ort.so");
+        if lib.exists() {
+            return Ok(lib);
+        }
+    }
+    bail!("plugin libpower_retention_ort.so not found beside {}: build it (cargo build --release) or pass --plugin", exe.display())
+}
+
+/// The repository root (or the current directory) and the executable's ancestors.
+fn roots() -> Vec<PathBuf> {
+    let mut v = vec![std::env::current_dir().unwrap_or_default()];
+    if let Ok(exe) = std::env::current_exe() {
+        v.extend(exe.ancestors().skip(1).take(4).map(Path::to_path_buf));
+    }
+    v
+}
+
+impl Runtime {
+    pub fn new(ort_lib: Option<&Path>, plugin: Option<&Path>, threads: usize) -> Result<Runtime> {
+        let ort_lib = find_ort(ort_lib)?;
+        let plugin = find_plugin(plugin)?;
+        let env = ort::init_from(&ort_lib)
+            .with_context(|| format!("load ONNX Runtime from {}", ort_lib.display()))?
+            .with_name("power-retention")
+            .build()
+            .context("create the ONNX Runtime environment")?;
+        Ok(Runtime { env, plugin, ort_lib, threads })
+    }
+
+    /// A session with the plugin registered.
+    pub fn session(&self, model: &Path, device: Device, cuda_graph: bool) -> Result<Session> {
+        self.build(model, device, cuda_graph, true)
+    }
+
+    /// A session of an ordinary model (stock attention), without the plugin.
+    pub fn plain_session(&self, model: &Path, device: Device) -> Result<Session> {
+        self.build(model, device, false, false)
+    }
+
+    fn build(&self, model: &Path, device: Device, cuda_graph: bool, plugin: bool) -> Result<Session> {
+        let mut b = Session::builder(&self.env)?.with_intra_threads(self.threads).map_err(builder_error)?;
+        if plugin {
+            b = b.with_operator_library(&self.plugin).map_err(builder_error).with_context(|| format!("register {}", self.plugin.display()))?;
+        }
+        if let Device::Cuda { .. } = device {
+            let cuda = ort::ep::CUDA::default().with_cuda_graph(cuda_graph).build().error_on_failure();
+            b = b.with_execution_providers([cuda]).map_err(builder_error)?;
+        }
+        b.commit_from_file(model).with_context(|| format!("load {}", model.display()))
+    }
+}
+
+/// The builder's errors carry the builder back (not Send); keep the message.
+fn builder_error(e: ort::Error<ort::session::builder::SessionBuilder>) -> anyhow::Error {
+    anyhow::anyhow!("{e}")
+}

@@ -1,0 +1,132 @@
+//! Host tensors of the element types the models use, and conversions to and from `ort` values.
+
+use anyhow::{bail, Context, Result};
+use half::{bf16, f16};
+use ort::memory::Allocator;
+use ort::value::{DynTensor, DynTensorValueType, DynValue, Tensor, TensorElementType};
+
+/// A host tensor: shape plus data in one of the model dtypes.
+#[derive(Clone, Debug, PartialEq)]
+pub enum HostData {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    BF16(Vec<bf16>),
+    I64(Vec<i64>),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Host {
+    pub shape: Vec<i64>,
+    pub data: HostData,
+}
+
+impl Host {
+    pub fn zeros(dtype: &str, shape: &[i64]) -> Result<Host> {
+        let n = shape.iter().product::<i64>().max(0) as usize;
+        let data = match dtype {
+            "float32" | "float" => HostData::F32(vec![0.0; n]),
+            "float16" => HostData::F16(vec![f16::ZERO; n]),
+            "bfloat16" => HostData::BF16(vec![bf16::ZERO; n]),
+            "int64" => HostData::I64(vec![0; n]),
+            other => bail!("unsupported element type '{other}' in the state description"),
+        };
+        Ok(Host { shape: shape.to_vec(), data })
+    }
+
+    pub fn i64(shape: &[i64], v: Vec<i64>) -> Host {
+        Host { shape: shape.to_vec(), data: HostData::I64(v) }
+    }
+
+    pub fn len(&self) -> usize {
+        match &self.data {
+            HostData::F32(v) => v.len(),
+            HostData::F16(v) => v.len(),
+            HostData::BF16(v) => v.len(),
+            HostData::I64(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Copies `src` (same dtype) into elements [offset, offset + src.len()).
+    pub fn write_at(&mut self, offset: usize, src: &Host) -> Result<()> {
+        match (&mut self.data, &src.data) {
+            (HostData::F32(d), HostData::F32(s)) => d[offset..offset + s.len()].copy_from_slice(s),
+            (HostData::F16(d), HostData::F16(s)) => d[offset..offset + s.len()].copy_from_slice(s),
+            (HostData::BF16(d), HostData::BF16(s)) => d[offset..offset + s.len()].copy_from_slice(s),
+            (HostData::I64(d), HostData::I64(s)) => d[offset..offset + s.len()].copy_from_slice(s),
+            _ => bail!("element type mismatch while assembling a batch"),
+        }
+        Ok(())
+    }
+
+    /// Values as f32 (logits of any float dtype).
+    pub fn to_f32(&self) -> Vec<f32> {
+        match &self.data {
+            HostData::F32(v) => v.clone(),
+            HostData::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            HostData::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            HostData::I64(v) => v.iter().map(|&x| x as f32).collect(),
+        }
+    }
+
+    pub fn bytes(&self) -> u64 {
+        let each = match &self.data {
+            HostData::F32(_) => 4,
+            HostData::F16(_) | HostData::BF16(_) => 2,
+            HostData::I64(_) => 8,
+        };
+        (self.len() * each) as u64
+    }
+
+    /// A new ORT tensor allocated by `alloc` (so it can also be bound as an output) holding
+    /// these values.
+    pub fn to_ort(&self, alloc: &Allocator) -> Result<DynTensor> {
+        let shape: Vec<i64> = self.shape.clone();
+        macro_rules! make {
+            ($t:ty, $v:expr) => {{
+                if alloc.memory_info().is_cpu_accessible() {
+                    let mut t = Tensor::<$t>::new(alloc, shape.clone())?;
+                    t.try_extract_tensor_mut()?.1.copy_from_slice($v);
+                    t.upcast()
+                } else {
+                    let cpu = Tensor::<$t>::from_array((shape.clone(), $v.clone()))?;
+                    let mut dev = Tensor::<$t>::new(alloc, shape.clone())?;
+                    cpu.copy_into(&mut dev)?;
+                    dev.upcast()
+                }
+            }};
+        }
+        Ok(match &self.data {
+            HostData::F32(v) => make!(f32, v),
+            HostData::F16(v) => make!(f16, v),
+            HostData::BF16(v) => make!(bf16, v),
+            HostData::I64(v) => make!(i64, v),
+        })
+    }
+
+    /// Reads any host-accessible ORT tensor.
+    pub fn from_ort(v: &DynValue) -> Result<Host> {
+        let shape: Vec<i64> = v.shape().to_vec();
+        let data = match v.dtype().clone() {
+            ort::value::ValueType::Tensor { ty: TensorElementType::Float32, .. } => HostData::F32(v.try_extract_tensor::<f32>()?.1.to_vec()),
+            ort::value::ValueType::Tensor { ty: TensorElementType::Float16, .. } => HostData::F16(v.try_extract_tensor::<f16>()?.1.to_vec()),
+            ort::value::ValueType::Tensor { ty: TensorElementType::Bfloat16, .. } => HostData::BF16(v.try_extract_tensor::<bf16>()?.1.to_vec()),
+            ort::value::ValueType::Tensor { ty: TensorElementType::Int64, .. } => HostData::I64(v.try_extract_tensor::<i64>()?.1.to_vec()),
+            other => bail!("unsupported output type {other:?}"),
+        };
+        Ok(Host { shape, data })
+    }
+
+    /// Reads an ORT tensor wherever it lives (device tensors are copied to the host first).
+    pub fn from_ort_anywhere(v: &DynValue) -> Result<Host> {
+        let t = v.view().downcast::<DynTensorValueType>()?;
+        if t.memory_info().is_cpu_accessible() {
+            return Host::from_ort(v);
+        }
+        let cpu = t.to(ort::memory::AllocationDevice::CPU, 0).context("copy a device tensor to the host")?;
+        Host::from_ort(&cpu.into_dyn())
+    }
+}
