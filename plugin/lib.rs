@@ -9,6 +9,8 @@ pub use power_retention_schema as schema;
 
 pub mod config;
 pub mod cpu;
+#[cfg(has_cuda)]
+pub mod cuda;
 pub mod element;
 pub mod error;
 pub mod ffi;

@@ -14,17 +14,25 @@ use half::{bf16, f16};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ep {
     Cpu,
+    #[cfg(has_cuda)]
+    Cuda,
 }
 
 impl Ep {
     pub fn provider_name(self) -> &'static str {
         match self {
             Ep::Cpu => "CPUExecutionProvider",
+            #[cfg(has_cuda)]
+            Ep::Cuda => "CUDAExecutionProvider",
         }
     }
 
-    /// The providers this build has kernels for.
+    /// The providers this build has kernels for (CUDA kernels are registered whether or not a
+    /// GPU is present: ORT only picks them for nodes it places on its CUDA execution provider).
     pub fn available() -> Vec<Ep> {
+        #[cfg(has_cuda)]
+        return vec![Ep::Cpu, Ep::Cuda];
+        #[cfg(not(has_cuda))]
         vec![Ep::Cpu]
     }
 }
@@ -41,6 +49,10 @@ pub struct Kernel {
 
 pub fn compute(k: &Kernel, ctx: &mut ComputeContext<'_>) -> Result<()> {
     let dims = shapes::validate(k.op, &k.cfg, k.elem, &ctx.input_metas(), &k.outputs_wired)?;
+    #[cfg(has_cuda)]
+    if k.ep == Ep::Cuda {
+        return crate::cuda::compute(k, dims, ctx);
+    }
     match k.elem {
         ElemType::F32 => compute_typed::<f32>(k, dims, ctx),
         ElemType::F16 => compute_typed::<f16>(k, dims, ctx),
@@ -53,13 +65,15 @@ pub fn compute(k: &Kernel, ctx: &mut ComputeContext<'_>) -> Result<()> {
 }
 
 fn compute_typed<T: Element>(k: &Kernel, dims: Dims, ctx: &mut ComputeContext<'_>) -> Result<()> {
-    match k.ep {
-        Ep::Cpu if std::ptr::eq(k.op, &POWER_RETENTION) => prefill_cpu::<T>(k, dims, ctx),
-        Ep::Cpu if std::ptr::eq(k.op, &POWER_RETENTION_STEP) => decode_cpu::<T>(k, dims, ctx),
-        Ep::Cpu => Err(Error::Constraint {
+    if std::ptr::eq(k.op, &POWER_RETENTION) {
+        prefill_cpu::<T>(k, dims, ctx)
+    } else if std::ptr::eq(k.op, &POWER_RETENTION_STEP) {
+        decode_cpu::<T>(k, dims, ctx)
+    } else {
+        Err(Error::Constraint {
             op: k.op.name,
             what: "internal: op without a CPU kernel".into(),
-        }),
+        })
     }
 }
 
@@ -71,7 +85,7 @@ fn required<'a, T>(op: &OpSchema, port: usize, x: Option<&'a [T]>) -> Result<&'a
     })
 }
 
-fn shape(dims: &Dims, op: &OpSchema, output: usize) -> Vec<i64> {
+pub(crate) fn shape(dims: &Dims, op: &OpSchema, output: usize) -> Vec<i64> {
     dims.shape_of(op.outputs[output].shape)
 }
 

@@ -422,3 +422,91 @@ impl Parallel for OrtParallel<'_> {
         }
     }
 }
+
+#[cfg(has_cuda)]
+mod device {
+    use super::*;
+    use crate::ffi::cuda::{copy_async, DeviceBuffer, Stream};
+
+    impl RawTensor {
+        fn device(&self) -> DeviceBuffer {
+            DeviceBuffer {
+                ptr: self.ptr,
+                bytes: self.bytes,
+                elem: self.elem,
+            }
+        }
+    }
+
+    impl<'a> ComputeContext<'a> {
+        /// The CUDA stream ORT runs this call on (fetched per call: streams are per run).
+        pub fn stream(&self) -> Result<Stream> {
+            let mut s = std::ptr::null_mut();
+            // SAFETY: raw is this call's context; s is a valid out pointer.
+            check(unsafe { (api().KernelContext_GetGPUComputeStream)(self.raw, &mut s) })
+                .map_err(|m| self.rt(m))?;
+            Ok(Stream(s))
+        }
+
+        /// Input `i` as a device buffer (CUDA kernels; inputs live on the device).
+        pub fn device_input(&self, i: usize) -> Result<Option<DeviceBuffer>> {
+            let Some(t) = self.inputs.get(i).and_then(Option::as_ref) else {
+                return Ok(None);
+            };
+            if self.consumed[i] || self.retired[i] {
+                return Err(self.internal(format!(
+                    "input '{}' was already handed to its in-place output",
+                    self.op.inputs[i].name
+                )));
+            }
+            Ok(Some(t.device()))
+        }
+
+        /// Allocates output `i` on the device, or `None` if the node does not wire it.
+        pub fn device_output(&mut self, i: usize, dims: &[i64]) -> Result<Option<DeviceBuffer>> {
+            let Some(t) = self.raw_output(i, dims)? else {
+                return Ok(None);
+            };
+            self.claim(i, &t.range(), None)?;
+            Ok(Some(t.device()))
+        }
+
+        /// The in-place pair on the device: the output buffer, holding the input's values (copied
+        /// on `stream` when the two are different buffers).
+        pub fn device_in_place(
+            &mut self,
+            input: usize,
+            output: usize,
+            dims: &[i64],
+            stream: Stream,
+        ) -> Result<Option<DeviceBuffer>> {
+            if !self.op.aliases.contains(&(input, output)) {
+                return Err(self.internal(format!("({input}, {output}) is not an in-place pair")));
+            }
+            let Some(src) = self
+                .inputs
+                .get(input)
+                .and_then(Option::as_ref)
+                .map(RawTensor::device)
+            else {
+                return Err(self.internal(format!(
+                    "in-place input '{}' is absent",
+                    self.op.inputs[input].name
+                )));
+            };
+            let Some(t) = self.raw_output(output, dims)? else {
+                return Ok(None);
+            };
+            let dst = t.range();
+            let same = t.ptr == src.ptr && t.bytes == src.bytes;
+            self.claim(output, &dst, same.then_some(input))?;
+            if same {
+                self.retired[input] = true;
+            } else {
+                copy_async(self.op.name, &t.device(), &src, stream)?;
+                self.consumed[input] = true;
+            }
+            Ok(Some(t.device()))
+        }
+    }
+}

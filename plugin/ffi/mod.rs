@@ -5,6 +5,8 @@
 
 pub mod api;
 pub mod context;
+#[cfg(has_cuda)]
+pub mod cuda;
 pub mod gemm;
 pub mod kernel_info;
 pub mod register;
