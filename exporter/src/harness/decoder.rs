@@ -44,6 +44,28 @@ impl PowerModel {
         Ok(PowerModel { manifest, prefill, decode, device })
     }
 
+    /// Vocabulary size, from the decode model's logits shape.
+    pub fn vocab_size(&self) -> Result<usize> {
+        let out = self.decode.outputs().iter().find(|o| o.name() == self.manifest.decode.logits).context("decode model has no logits output")?;
+        match out.dtype() {
+            ort::value::ValueType::Tensor { shape, .. } if shape.last().is_some_and(|&v| v > 0) => Ok(shape[shape.len() - 1] as usize),
+            other => bail!("logits output has no fixed vocabulary dim ({other:?}); pass --prompt"),
+        }
+    }
+
+    /// Tolerance of the equal-work check: float32 logits agree to rounding; float16/bfloat16
+    /// models round activations between layers, so prefill and decode differ more.
+    pub fn check_tolerance(&self) -> f64 {
+        let fp32 = self.decode.outputs().iter().find(|o| o.name() == self.manifest.decode.logits).is_some_and(|o| {
+            matches!(o.dtype(), ort::value::ValueType::Tensor { ty: ort::value::TensorElementType::Float32, .. })
+        });
+        if fp32 {
+            1e-4
+        } else {
+            3e-2
+        }
+    }
+
     /// Bytes of state one sequence carries between tokens (every layer).
     pub fn state_bytes_per_sequence(&self) -> u64 {
         self.manifest.state.iter().map(|s| s.bytes_per_sequence()).sum()
@@ -169,11 +191,6 @@ impl PowerModel {
             times.push(t.elapsed().as_secs_f64());
         }
         Ok(times)
-    }
-
-    /// Reads one state buffer back (tests and checks; never on the decode path).
-    pub fn read_state(&self, st: &DecodeState, index: usize) -> Result<Host> {
-        Host::from_ort_anywhere(&st.buffers[index].clone().into_dyn())
     }
 
     fn allocator(&self) -> Result<Allocator> {

@@ -9,3 +9,4 @@ pub mod stats;
 pub mod tensor;
 pub mod bench;
 pub mod stock;
+pub mod cli;

@@ -46,10 +46,6 @@ impl Host {
         }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Copies `src` (same dtype) into elements [offset, offset + src.len()).
     pub fn write_at(&mut self, offset: usize, src: &Host) -> Result<()> {
         match (&mut self.data, &src.data) {
@@ -70,15 +66,6 @@ impl Host {
             HostData::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
             HostData::I64(v) => v.iter().map(|&x| x as f32).collect(),
         }
-    }
-
-    pub fn bytes(&self) -> u64 {
-        let each = match &self.data {
-            HostData::F32(_) => 4,
-            HostData::F16(_) | HostData::BF16(_) => 2,
-            HostData::I64(_) => 8,
-        };
-        (self.len() * each) as u64
     }
 
     /// A new ORT tensor allocated by `alloc` (so it can also be bound as an output) holding
