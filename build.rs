@@ -55,9 +55,12 @@ fn main() {
     // cc reads $NVCC; setting .compiler() instead would pass gcc flags to nvcc raw.
     std::env::set_var("NVCC", &nvcc);
     let mut build = cc::Build::new();
+    // debug(false): our release profile keeps host debug info, and with debug on cc passes nvcc -G,
+    // which turns device optimisation off (the kernels ran ~100x slower).
     build
         .cuda(true)
         .cudart("static")
+        .debug(false)
         .flag("-std=c++17")
         .flag("-O3")
         .flag("-Xfatbin=-compress-all")
