@@ -28,9 +28,15 @@ fn supported(op: &'static OpSchema, d: &Dims, deg: usize) -> Result<()> {
             d.dk
         ));
     }
-    if d.dv % 4 != 0 {
+    // Prefill reads values in groups of 4 columns, decode in groups of 8.
+    let dv_multiple = if std::ptr::eq(op, &POWER_RETENTION) {
+        4
+    } else {
+        8
+    };
+    if d.dv % dv_multiple != 0 {
         return refuse(format!(
-            "value head dim Dv = {} (must be a multiple of 4)",
+            "value head dim Dv = {} (must be a multiple of {dv_multiple})",
             d.dv
         ));
     }

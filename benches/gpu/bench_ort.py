@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "gpu"))
 import prlib  # noqa: E402
 
-LIB = os.environ.get("POWER_RETENTION_LIB", str(ROOT / ".carry" / "libpower_retention_ort.so"))
+LIB = os.environ.get("POWER_RETENTION_LIB", str(ROOT / ".carry" / "plugin" / "libpower_retention_ort.so"))
 LAYERS, H, D, CAP = 12, 16, 64, 64
 DX = D * (D + 1) // 2
 

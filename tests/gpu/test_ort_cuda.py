@@ -15,10 +15,13 @@ from onnx import TensorProto as TP
 from onnx import helper
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "shared" / "spec") if (ROOT / "shared").exists() else str(ROOT.parent / "shared" / "spec"))
+# The spec's gold model: beside the checkout here; carried in .carry/spec on the GPU machine.
+for spec in (ROOT.parent / "shared" / "spec", ROOT / ".carry" / "spec"):
+    if spec.exists():
+        sys.path.insert(0, str(spec))
 import power_retention_gold as gold  # noqa: E402
 
-LIB = os.environ.get("POWER_RETENTION_LIB", str(ROOT / ".carry" / "libpower_retention_ort.so"))
+LIB = os.environ.get("POWER_RETENTION_LIB", str(ROOT / ".carry" / "plugin" / "libpower_retention_ort.so"))
 DT = {"float32": (TP.FLOAT, np.float32), "float16": (TP.FLOAT16, np.float16)}
 try:
     import ml_dtypes
@@ -59,8 +62,30 @@ def session(m, cuda=True, graph=False):
     return ort.InferenceSession(m, so, providers=prov)
 
 
+def run_bound(sess, feeds, names, shapes):
+    """Runs with host buffers bound by their ONNX types (ORT's numpy conversion lacks bfloat16)."""
+    io = sess.io_binding()
+    code = {np.dtype(np.float32): TP.FLOAT, np.dtype(np.float16): TP.FLOAT16}
+    for n, a in feeds.items():
+        a = np.ascontiguousarray(a)
+        feeds[n] = a
+        c = TP.BFLOAT16 if a.dtype.name == "bfloat16" else code[a.dtype]
+        io.bind_input(n, "cpu", 0, c, list(a.shape), a.ctypes.data)
+    outs = []
+    for n, (shape, c) in zip(names, shapes):
+        buf = np.zeros(shape, {TP.FLOAT: np.float32, TP.FLOAT16: np.float16, TP.BFLOAT16: np.uint16}[c])
+        io.bind_output(n, "cpu", 0, c, list(shape), buf.ctypes.data)
+        outs.append(buf.view(DT["bfloat16"][1]) if c == TP.BFLOAT16 else buf)
+    sess.run_with_iobinding(io)
+    return outs
+
+
+def to_f64(x):
+    return np.asarray(x, np.float64)
+
+
 def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    a, b = to_f64(np.asarray(a)), to_f64(np.asarray(b))
     return np.inf if not np.isfinite(a).all() else float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
@@ -93,8 +118,10 @@ def test_prefill_on_cuda_matches_cpu_and_gold(case, dtype):
         feeds["past_state"], feeds["past_sum_of_keys"] = S0.astype(np.float32), s0.astype(np.float32)
     ins = [n if n in feeds else "" for n in ["query", "key", "value", "log_gate", "past_state", "past_sum_of_keys"]]
     m = model("PowerRetention", ins, ["output", "present_state", "present_sum_of_keys"], tt, chunk_size=chunk)
-    got = session(m).run(None, feeds)
-    cpu = session(m, cuda=False).run(None, feeds)
+    dx = d * (d + 1) // 2
+    shapes = [((b, t, hq, dv), tt), ((b, h, dx, dv), TP.FLOAT), ((b, h, dx), TP.FLOAT)]
+    got = run_bound(session(m), feeds, ["output", "present_state", "present_sum_of_keys"], shapes)
+    cpu = run_bound(session(m, cuda=False), feeds, ["output", "present_state", "present_sum_of_keys"], shapes)
     f64 = [x.astype(np.float64) for x in (q, k, v)]
     if past:
         # the gold model's initial-state path uses the package's tiled layout
@@ -143,12 +170,15 @@ def test_prefill_then_in_place_steps_on_device_equal_prefill_of_everything(cap, 
         io.bind_ortvalue_input(n, val)
     out = ort.OrtValue.ortvalue_from_numpy(np.zeros((b, 1, hq, dv), nt), "cuda", 0)
     io.bind_ortvalue_output("output", out)
-    worst = 0.0
+    errs, lens = [], []
     for i in range(p, total):
         for n, src in (("query", q), ("key", k), ("value", v), ("log_gate", lg)):
             tok[n].update_inplace(np.ascontiguousarray(src[:, i:i + 1]))
         step.run_with_iobinding(io)
-        worst = max(worst, rel(out.numpy(), want[:, i:i + 1]))
-    assert worst <= TOL[dtype], f"C={cap} graph={graph}: worst step rel err {worst:.2e}"
+        errs.append(rel(out.numpy(), want[:, i:i + 1]))
+        lens.append(int(dev["cache_length"].numpy()[0]))
+    bad = [j for j, e in enumerate(errs) if e > TOL[dtype]]
+    assert not bad, (f"C={cap} graph={graph}: {len(bad)} bad steps, first {bad[0]} (err {errs[bad[0]]:.2e}); "
+                     f"errors of steps 0-5 {[f'{e:.1e}' for e in errs[:6]]}, cache lengths {lens[:8]}")
     lengths = dev["cache_length"].numpy()
     assert (lengths == (steps % cap if cap > 1 else 0)).all(), lengths

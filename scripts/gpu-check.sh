@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The one command for a GPU machine (which has no cargo and no network). Given what
+# scripts/gpu-prepare.sh built on a development machine and carried over (.carry/plugin, .carry/bin,
+# .carry/gpu, .carry/spec, .whl) and ONNX Runtime's CUDA build staged with ../shared/device/ort-gpu.sh,
+# it runs, from the repo root:
+#   kernels   tests/gpu/test_kernels.py: the CUDA kernels alone vs a float64 oracle, every dtype
+#   sanitize  compute-sanitizer memcheck + racecheck on the kernel tests' small subset
+#   ort       tests/gpu/test_ort_cuda.py: the plugin on ORT's CUDA EP (vs CPU EP and gold, in-place
+#             decode, CUDA graphs), then benches/gpu/bench_ort.py (ORT overhead over the bare kernels)
+#   bench     benches/gpu/bench_kernels.py: kernels vs the `retention` package and torch SDPA
+#   lm        a GPT-2-small-shaped model (models/make_lm.py) through `power-retention generate` and
+#             `power-retention bench` against the same model with stock attention and a KV cache
+# Usage: scripts/gpu-check.sh [kernels|sanitize|ort|bench|lm|all]...   (default all; logs in $OUT or /tmp)
+# Ends with one summary table.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+parts=("$@")
+[ ${#parts[@]} -gt 0 ] || parts=(all)
+want() { [[ " ${parts[*]} " == *" all "* || " ${parts[*]} " == *" $1 "* ]]; }
+log="${OUT:-/tmp}"
+mkdir -p "$log"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/retention-1.0.7-py3-none-any.whl >/dev/null 2>&1
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export POWER_RETENTION_LIB=$PWD/.carry/plugin/libpower_retention_ort.so PR_GPU_LIB=$PWD/.carry/gpu/libpr_test.so
+gpu=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader)
+summary=()
+record() { summary+=("| $1 | $2 | $3 |"); }
+
+if want kernels; then
+  python3 tests/gpu/test_kernels.py > "$log/kernels.log" 2>&1
+  record kernels "$([ $? -eq 0 ] && echo pass || echo FAIL)" "$(grep -c -i 'ok\|pass' "$log/kernels.log") lines ok; $(tail -n 1 "$log/kernels.log")"
+fi
+if want sanitize; then
+  for tool in memcheck racecheck; do
+    compute-sanitizer --tool "$tool" --kernel-name kns=retention_ --error-exitcode 9 \
+      python3 tests/gpu/test_kernels.py --small > "$log/sanitize-$tool.log" 2>&1
+    rc=$?
+    record "sanitize $tool" "$([ $rc -eq 0 ] && echo pass || echo FAIL)" "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log/sanitize-$tool.log" | tail -n 1)"
+  done
+fi
+if want ort; then
+  (
+    source /tmp/ortgpu/env.sh || exit 3
+    python3 -m pytest tests/gpu/test_ort_cuda.py -q -p no:cacheprovider > "$log/ort-tests.log" 2>&1
+    echo "tests rc $?" >> "$log/ort-tests.log"
+    python3 benches/gpu/bench_ort.py > "$log/ort-bench.log" 2>&1
+  )
+  record "plugin on ORT CUDA EP" "$(grep -q ' failed' "$log/ort-tests.log" && echo FAIL || echo pass)" "$(grep -E 'passed|failed' "$log/ort-tests.log" | tail -n 1)"
+  while IFS= read -r line; do record "ORT vs bare kernels" "-" "$line"; done < <(grep '^| decode\|^| prefill' "$log/ort-bench.log")
+fi
+if want bench; then
+  python3 benches/gpu/bench_kernels.py ${BENCH_ARGS:-} > "$log/bench.log" 2>&1
+  record "kernels vs package" "$([ $? -eq 0 ] && echo done || echo FAIL)" "table in $log/bench.log"
+fi
+if want lm; then
+  (
+    source /tmp/ortgpu/env.sh || exit 3
+    python3 models/make_lm.py /tmp/lm --preset gpt2-small --dtype float16 --max-pos 140000 > "$log/lm.log" 2>&1
+    .carry/bin/power-retention generate /tmp/lm --device cuda --new-tokens 48 --prompt-lengths 40,100,7,300 >> "$log/lm.log" 2>&1
+    echo "generate rc $?" >> "$log/lm.log"
+    .carry/bin/power-retention bench /tmp/lm --stock /tmp/lm/stock.onnx --device cuda ${LM_GRAPH:---cuda-graph} \
+      --contexts ${LM_CONTEXTS:-1024,4096,16384,32768,65536,131072} --batches 1,8 --steps ${LM_STEPS:-30} \
+      --max-cache-gib 24 --out "$log/results" --device-name "$gpu" >> "$log/lm.log" 2>&1
+    echo "bench rc $?" >> "$log/lm.log"
+  )
+  record "LM generate (GPT-2-small shape, fp16)" "$(grep -q 'generate rc 0' "$log/lm.log" && echo pass || echo FAIL)" "$(grep -E 'per-token|equal-work' "$log/lm.log" | head -n 2 | tr '\n' ' ')"
+  record "LM bench vs stock attention" "$(grep -q 'bench rc 0' "$log/lm.log" && echo done || echo FAIL)" "$(ls "$log"/results/*.md 2>/dev/null | head -n 1)"
+fi
+
+echo
+echo "GPU: $gpu"
+echo "| check | result | detail |"
+echo "|---|---|---|"
+printf '%s\n' "${summary[@]}"

@@ -1,0 +1,83 @@
+"""ctypes binding of cuda/retention.h for the GPU tests and benchmarks (torch tensors in, no copies)."""
+import ctypes
+import os
+
+import torch
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+LIB_PATH = os.environ.get("PR_GPU_LIB", os.path.join(_HERE, "..", "..", ".carry", "gpu", "libpr_test.so"))
+
+DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+c_i64, c_i32, c_f32, c_ptr, c_u64 = ctypes.c_int64, ctypes.c_int32, ctypes.c_float, ctypes.c_void_p, ctypes.c_uint64
+
+
+class PrPrefillParams(ctypes.Structure):
+    _fields_ = [
+        ("batch", c_i64), ("seq_len", c_i64), ("q_heads", c_i32), ("kv_heads", c_i32),
+        ("key_dim", c_i32), ("value_dim", c_i32), ("deg", c_i32), ("dtype", c_i32), ("scale", c_f32),
+        ("chunk_size", c_i32), ("query", c_ptr), ("key", c_ptr), ("value", c_ptr), ("log_gate", c_ptr),
+        ("past_state", c_ptr), ("past_sum_of_keys", c_ptr), ("output", c_ptr), ("present_state", c_ptr),
+        ("present_sum_of_keys", c_ptr), ("workspace", c_ptr), ("workspace_bytes", c_u64),
+    ]
+
+
+class PrDecodeParams(ctypes.Structure):
+    _fields_ = [
+        ("batch", c_i64), ("new_tokens", c_i64), ("cache_capacity", c_i64), ("q_heads", c_i32),
+        ("kv_heads", c_i32), ("key_dim", c_i32), ("value_dim", c_i32), ("deg", c_i32), ("dtype", c_i32),
+        ("scale", c_f32), ("reserved", c_i32), ("query", c_ptr), ("key", c_ptr), ("value", c_ptr),
+        ("log_gate", c_ptr), ("output", c_ptr), ("state", c_ptr), ("sum_of_keys", c_ptr), ("key_cache", c_ptr),
+        ("value_cache", c_ptr), ("log_gate_cache", c_ptr), ("cache_length", c_ptr),
+    ]
+
+
+lib = ctypes.CDLL(LIB_PATH)
+lib.pr_prefill.argtypes = [ctypes.POINTER(PrPrefillParams), c_ptr]
+lib.pr_prefill.restype = ctypes.c_int
+lib.pr_decode.argtypes = [ctypes.POINTER(PrDecodeParams), c_ptr]
+lib.pr_decode.restype = ctypes.c_int
+lib.pr_abi_layout.argtypes = [ctypes.POINTER(c_u64), c_i32]
+lib.pr_abi_layout.restype = c_i32
+
+
+def abi_layout_matches():
+    n = lib.pr_abi_layout(None, 0)
+    buf = (c_u64 * n)()
+    lib.pr_abi_layout(buf, n)
+    mine = [1, ctypes.sizeof(PrPrefillParams)] + [getattr(PrPrefillParams, f).offset for f, _ in PrPrefillParams._fields_]
+    mine += [ctypes.sizeof(PrDecodeParams)] + [getattr(PrDecodeParams, f).offset for f, _ in PrDecodeParams._fields_]
+    return list(buf) == mine, list(buf), mine
+
+
+def _p(t):
+    return None if t is None else t.data_ptr()
+
+
+def stream_handle():
+    return ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+
+
+def prefill_params(q, k, v, lg, out, scale, past=None, present=None):
+    B, S, Hq, Dk = q.shape
+    Hkv, Dv = k.shape[2], v.shape[3]
+    pS, ps = past if past is not None else (None, None)
+    nS, ns = present if present is not None else (None, None)
+    return PrPrefillParams(B, S, Hq, Hkv, Dk, Dv, 2, DTYPE_CODE[q.dtype], scale, 0, _p(q), _p(k), _p(v), _p(lg),
+                           _p(pS), _p(ps), _p(out), _p(nS), _p(ns), None, 0)
+
+
+def prefill(q, k, v, lg, out, scale, past=None, present=None):
+    prm = prefill_params(q, k, v, lg, out, scale, past, present)
+    return lib.pr_prefill(ctypes.byref(prm), stream_handle())
+
+
+def decode_params(q, k, v, lg, out, scale, state, ssum, kc, vc, lgc, clen):
+    B, S, Hq, Dk = q.shape
+    Hkv, Dv, C = k.shape[2], v.shape[3], kc.shape[1]
+    return PrDecodeParams(B, S, C, Hq, Hkv, Dk, Dv, 2, DTYPE_CODE[q.dtype], scale, 0, _p(q), _p(k), _p(v), _p(lg),
+                          _p(out), _p(state), _p(ssum), _p(kc), _p(vc), _p(lgc), _p(clen))
+
+
+def decode(*args):
+    prm = decode_params(*args)
+    return lib.pr_decode(ctypes.byref(prm), stream_handle())
