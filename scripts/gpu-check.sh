@@ -22,7 +22,7 @@ mkdir -p "$log"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/retention-1.0.7-py3-none-any.whl >/dev/null 2>&1
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export POWER_RETENTION_LIB=$PWD/.carry/plugin/libpower_retention_ort.so PR_GPU_LIB=$PWD/.carry/gpu/libpr_test.so
-gpu=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader)
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1 | tr -c "A-Za-z0-9.\n-" "-")
 summary=()
 record() { summary+=("| $1 | $2 | $3 |"); }
 
@@ -58,17 +58,20 @@ if want lm; then
     python3 models/make_lm.py /tmp/lm --preset gpt2-small --dtype float16 --max-pos 140000 > "$log/lm.log" 2>&1
     .carry/bin/power-retention generate /tmp/lm --device cuda --new-tokens 48 --prompt-lengths 40,100,7,300 >> "$log/lm.log" 2>&1
     echo "generate rc $?" >> "$log/lm.log"
-    .carry/bin/power-retention bench /tmp/lm --stock /tmp/lm/stock.onnx --device cuda ${LM_GRAPH:---cuda-graph} \
+    .carry/bin/power-retention generate /tmp/lm --device cuda --cuda-graph --new-tokens 48 --prompt-lengths 40,100,7,300 > "$log/lm-graph.log" 2>&1
+    echo "generate rc $?" >> "$log/lm-graph.log"
+    .carry/bin/power-retention bench /tmp/lm --stock /tmp/lm/stock.onnx --device cuda ${LM_GRAPH:-} \
       --contexts ${LM_CONTEXTS:-1024,4096,16384,32768,65536,131072} --batches 1,8 --steps ${LM_STEPS:-30} \
       --max-cache-gib 24 --out "$log/results" --device-name "$gpu" >> "$log/lm.log" 2>&1
     echo "bench rc $?" >> "$log/lm.log"
   )
   record "LM generate (GPT-2-small shape, fp16)" "$(grep -q 'generate rc 0' "$log/lm.log" && echo pass || echo FAIL)" "$(grep -E 'per-token|equal-work' "$log/lm.log" | head -n 2 | tr '\n' ' ')"
+  record "LM generate, CUDA graph" "$(grep -q 'generate rc 0' "$log/lm-graph.log" && echo pass || echo FAIL)" "$(grep -E 'per-token|equal-work|Error|error' "$log/lm-graph.log" | head -n 2 | tr '\n' ' ')"
   record "LM bench vs stock attention" "$(grep -q 'bench rc 0' "$log/lm.log" && echo done || echo FAIL)" "$(ls "$log"/results/*.md 2>/dev/null | head -n 1)"
 fi
 
 echo
-echo "GPU: $gpu"
+echo "GPU: $gpu, driver $(nvidia-smi --query-gpu=driver_version --format=csv,noheader | head -n 1)"
 echo "| check | result | detail |"
 echo "|---|---|---|"
 printf '%s\n' "${summary[@]}"

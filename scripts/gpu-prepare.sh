@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 eval "export $(bash scripts/setup.sh --cuda | grep '^ORT_DYLIB_PATH=')"
 export CUDA_PATH=$PWD/.cuda/nvidia/cu13 POWER_RETENTION_REQUIRE_CUDA=1
 cargo build --release -p power-retention-ort --features cuda
-cargo build --release -p power-retention-exporter --features cuda
+cargo build --release -p power-retention-exporter
 mkdir -p .carry/plugin .carry/bin .carry/spec .whl
 strip -o .carry/plugin/libpower_retention_ort.so target/release/libpower_retention_ort.so
 strip -o .carry/bin/power-retention target/release/power-retention

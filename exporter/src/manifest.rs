@@ -48,12 +48,8 @@ impl Manifest {
 
     pub fn read(dir: &Path) -> Result<Manifest> {
         let path = dir.join(Self::FILE);
-        let text = std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
         serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))
-    }
-
-    pub fn write(&self, dir: &Path) -> Result<()> {
-        let path = dir.join(Self::FILE);
-        std::fs::write(&path, serde_json::to_string_pretty(self)? + "\n").with_context(|| format!("write {}", path.display()))
     }
 }

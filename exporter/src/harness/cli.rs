@@ -76,7 +76,11 @@ pub struct GenerateArgs {
 
 pub fn run_generate(a: &GenerateArgs) -> Result<()> {
     let device = a.runtime.device()?;
-    let rt = Runtime::new(a.runtime.ort.as_deref(), a.runtime.plugin.as_deref(), a.runtime.threads)?;
+    let rt = Runtime::new(
+        a.runtime.ort.as_deref(),
+        a.runtime.plugin.as_deref(),
+        a.runtime.threads,
+    )?;
     let mut model = PowerModel::load(&rt, &a.model_dir, device)?;
     let prompts: Vec<Vec<i64>> = if a.prompts.is_empty() {
         let vocab = model.vocab_size()?;
@@ -84,12 +88,30 @@ pub fn run_generate(a: &GenerateArgs) -> Result<()> {
     } else {
         a.prompts
             .iter()
-            .map(|p| p.split_whitespace().map(|t| t.parse::<i64>().map_err(|_| anyhow::anyhow!("prompt token '{t}' is not an integer id"))).collect())
+            .map(|p| {
+                p.split_whitespace()
+                    .map(|t| {
+                        t.parse::<i64>()
+                            .map_err(|_| anyhow::anyhow!("prompt token '{t}' is not an integer id"))
+                    })
+                    .collect()
+            })
             .collect::<Result<_>>()?
     };
-    let opts = GenerateOptions { prompts, new_tokens: a.new_tokens.max(1), sampling: a.sampling, seed: a.seed, check: !a.no_check, progress: true };
+    let opts = GenerateOptions {
+        prompts,
+        new_tokens: a.new_tokens.max(1),
+        sampling: a.sampling,
+        seed: a.seed,
+        check: !a.no_check,
+        progress: true,
+    };
     let report = generate(&mut model, &opts)?;
-    println!("runtime           ONNX Runtime {}, plugin {}", rt.ort_lib.display(), rt.plugin.display());
+    println!(
+        "runtime           ONNX Runtime {}, plugin {}",
+        rt.ort_lib.display(),
+        rt.plugin.display()
+    );
     report.print(device.name(), opts.prompts.len());
     if let Some(e) = report.check_error {
         let tol = model.check_tolerance();
@@ -109,7 +131,11 @@ pub struct BenchArgs {
     #[arg(long)]
     pub stock: PathBuf,
     /// Context lengths to time at
-    #[arg(long, value_delimiter = ',', default_value = "1024,2048,4096,8192,16384,32768,65536,131072")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1024,2048,4096,8192,16384,32768,65536,131072"
+    )]
     pub contexts: Vec<usize>,
     #[arg(long, value_delimiter = ',', default_value = "1,8")]
     pub batches: Vec<usize>,
@@ -131,7 +157,11 @@ pub struct BenchArgs {
 
 pub fn run_bench(a: &BenchArgs) -> Result<()> {
     let device = a.runtime.device()?;
-    let rt = Runtime::new(a.runtime.ort.as_deref(), a.runtime.plugin.as_deref(), a.runtime.threads)?;
+    let rt = Runtime::new(
+        a.runtime.ort.as_deref(),
+        a.runtime.plugin.as_deref(),
+        a.runtime.threads,
+    )?;
     let mut ours = PowerModel::load(&rt, &a.model_dir, device)?;
     let mut stock = StockModel::load(&rt, &a.stock, device)?;
     let command = std::env::args().collect::<Vec<_>>().join(" ");
@@ -141,7 +171,10 @@ pub fn run_bench(a: &BenchArgs) -> Result<()> {
         steps: a.steps.max(5),
         max_cache_bytes: (a.max_cache_gib * (1u64 << 30) as f64) as u64,
         out_dir: a.out.clone(),
-        device_name: a.device_name.clone().unwrap_or_else(|| device.name().to_string()),
+        device_name: a
+            .device_name
+            .clone()
+            .unwrap_or_else(|| device.name().to_string()),
         command,
     };
     bench(&mut ours, &mut stock, &o)?;

@@ -6,9 +6,10 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use ort::session::IoBinding;
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::IoBinding;
 use ort::session::Session;
+
 use ort::value::DynTensor;
 
 use super::runtime::{Device, Runtime};
@@ -26,10 +27,17 @@ pub struct PowerModel {
     device: Device,
 }
 
-/// Batched decoding buffers bound in place to the decode session.
+/// Logits for every prompt position (P × vocab), and the prefill's state outputs by manifest index.
+pub type Prefilled = (Vec<Vec<f32>>, HashMap<usize, Host>);
+
+/// Batched decoding buffers bound in place to the decode session. Every bound buffer keeps its
+/// address for the whole decode, as CUDA-graph replay requires.
 pub struct DecodeState {
     /// One buffer per state tensor of the manifest, in manifest order.
     buffers: Vec<DynTensor>,
+    input_ids: DynTensor,
+    position_ids: Option<DynTensor>,
+    logits: DynTensor,
     binding: IoBinding,
     pub batch: usize,
     /// Tokens seen so far per sequence (the next position id).
@@ -40,25 +48,73 @@ impl PowerModel {
     pub fn load(rt: &Runtime, dir: &Path, device: Device) -> Result<PowerModel> {
         let manifest = Manifest::read(dir)?;
         let prefill = rt.session(&dir.join(&manifest.prefill.file), device, false)?;
-        let decode = rt.session(&dir.join(&manifest.decode.file), device, device.cuda_graph())?;
-        Ok(PowerModel { manifest, prefill, decode, device })
+        let decode = rt.session(
+            &dir.join(&manifest.decode.file),
+            device,
+            device.cuda_graph(),
+        )?;
+        Ok(PowerModel {
+            manifest,
+            prefill,
+            decode,
+            device,
+        })
     }
 
     /// Vocabulary size, from the decode model's logits shape.
     pub fn vocab_size(&self) -> Result<usize> {
-        let out = self.decode.outputs().iter().find(|o| o.name() == self.manifest.decode.logits).context("decode model has no logits output")?;
+        let out = self
+            .decode
+            .outputs()
+            .iter()
+            .find(|o| o.name() == self.manifest.decode.logits)
+            .context("decode model has no logits output")?;
         match out.dtype() {
-            ort::value::ValueType::Tensor { shape, .. } if shape.last().is_some_and(|&v| v > 0) => Ok(shape[shape.len() - 1] as usize),
+            ort::value::ValueType::Tensor { shape, .. } if shape.last().is_some_and(|&v| v > 0) => {
+                Ok(shape[shape.len() - 1] as usize)
+            }
             other => bail!("logits output has no fixed vocabulary dim ({other:?}); pass --prompt"),
         }
+    }
+
+    fn logits_dtype(&self) -> Result<String> {
+        let out = self
+            .decode
+            .outputs()
+            .iter()
+            .find(|o| o.name() == self.manifest.decode.logits)
+            .context("decode model has no logits output")?;
+        Ok(match out.dtype() {
+            ort::value::ValueType::Tensor {
+                ty: ort::value::TensorElementType::Float16,
+                ..
+            } => "float16",
+            ort::value::ValueType::Tensor {
+                ty: ort::value::TensorElementType::Bfloat16,
+                ..
+            } => "bfloat16",
+            _ => "float32",
+        }
+        .to_string())
     }
 
     /// Tolerance of the equal-work check: float32 logits agree to rounding; float16/bfloat16
     /// models round activations between layers, so prefill and decode differ more.
     pub fn check_tolerance(&self) -> f64 {
-        let fp32 = self.decode.outputs().iter().find(|o| o.name() == self.manifest.decode.logits).is_some_and(|o| {
-            matches!(o.dtype(), ort::value::ValueType::Tensor { ty: ort::value::TensorElementType::Float32, .. })
-        });
+        let fp32 = self
+            .decode
+            .outputs()
+            .iter()
+            .find(|o| o.name() == self.manifest.decode.logits)
+            .is_some_and(|o| {
+                matches!(
+                    o.dtype(),
+                    ort::value::ValueType::Tensor {
+                        ty: ort::value::TensorElementType::Float32,
+                        ..
+                    }
+                )
+            });
         if fp32 {
             1e-4
         } else {
@@ -68,20 +124,39 @@ impl PowerModel {
 
     /// Bytes of state one sequence carries between tokens (every layer).
     pub fn state_bytes_per_sequence(&self) -> u64 {
-        self.manifest.state.iter().map(|s| s.bytes_per_sequence()).sum()
+        self.manifest
+            .state
+            .iter()
+            .map(|s| s.bytes_per_sequence())
+            .sum()
     }
 
     /// Runs the prefill model on one sequence; returns logits for every position (P × vocab) and the
     /// prefill's state outputs by manifest index.
-    pub fn prefill_one(&mut self, tokens: &[i64]) -> Result<(Vec<Vec<f32>>, HashMap<usize, Host>)> {
+    pub fn prefill_one(&mut self, tokens: &[i64]) -> Result<Prefilled> {
         let p = tokens.len() as i64;
         let io = &self.manifest.prefill;
-        let mut feeds: Vec<(String, ort::session::SessionInputValue<'_>)> = vec![(io.input_ids.clone(), Host::i64(&[1, p], tokens.to_vec()).to_ort(&Allocator::default())?.into())];
+        let mut feeds: Vec<(String, ort::session::SessionInputValue<'_>)> = vec![(
+            io.input_ids.clone(),
+            Host::i64(&[1, p], tokens.to_vec())
+                .to_ort(&Allocator::default())?
+                .into(),
+        )];
         if let Some(name) = &io.position_ids {
-            feeds.push((name.clone(), Host::i64(&[1, p], (0..p).collect()).to_ort(&Allocator::default())?.into()));
+            feeds.push((
+                name.clone(),
+                Host::i64(&[1, p], (0..p).collect())
+                    .to_ort(&Allocator::default())?
+                    .into(),
+            ));
         }
         if let Some(name) = &io.attention_mask {
-            feeds.push((name.clone(), Host::i64(&[1, p], vec![1; p as usize]).to_ort(&Allocator::default())?.into()));
+            feeds.push((
+                name.clone(),
+                Host::i64(&[1, p], vec![1; p as usize])
+                    .to_ort(&Allocator::default())?
+                    .into(),
+            ));
         }
         let out = self.prefill.run(feeds).context("prefill run")?;
         let logits = Host::from_ort_anywhere(&out[io.logits.as_str()])?;
@@ -91,7 +166,11 @@ impl PowerModel {
         let mut states = HashMap::new();
         for (i, s) in self.manifest.state.iter().enumerate() {
             if let Some(name) = &s.prefill_output {
-                states.insert(i, Host::from_ort_anywhere(&out[name.as_str()]).with_context(|| format!("prefill output {name}"))?);
+                states.insert(
+                    i,
+                    Host::from_ort_anywhere(&out[name.as_str()])
+                        .with_context(|| format!("prefill output {name}"))?,
+                );
             }
         }
         Ok((rows, states))
@@ -101,17 +180,29 @@ impl PowerModel {
     /// decode buffers; returns the buffers and the last-position logits of each prompt.
     pub fn start(&mut self, prompts: &[Vec<i64>]) -> Result<(DecodeState, Vec<Vec<f32>>)> {
         let b = prompts.len();
-        let mut batch: Vec<Host> = self.manifest.state.iter().map(|s| Host::zeros(&s.dtype, &s.shape_for(b))).collect::<Result<_>>()?;
+        let mut batch: Vec<Host> = self
+            .manifest
+            .state
+            .iter()
+            .map(|s| Host::zeros(&s.dtype, &s.shape_for(b)))
+            .collect::<Result<_>>()?;
         let mut last = Vec::with_capacity(b);
         for (bi, prompt) in prompts.iter().enumerate() {
             if prompt.is_empty() {
                 bail!("prompt {bi} is empty: prefill needs at least one token");
             }
             let (logits, states) = self.prefill_one(prompt)?;
-            last.push(logits.last().cloned().context("prefill returned no logits")?);
+            last.push(
+                logits
+                    .last()
+                    .cloned()
+                    .context("prefill returned no logits")?,
+            );
             for (i, host) in states {
-                let per = host.len();
-                batch[i].write_at(bi * per, &host).with_context(|| format!("state tensor {}", self.manifest.state[i].decode_input))?;
+                let per = host.numel();
+                batch[i].write_at(bi * per, &host).with_context(|| {
+                    format!("state tensor {}", self.manifest.state[i].decode_input)
+                })?;
             }
         }
         let lengths = prompts.iter().map(|p| p.len() as i64).collect();
@@ -122,18 +213,67 @@ impl PowerModel {
     fn bind(&mut self, hosts: Vec<Host>, lengths: Vec<i64>) -> Result<DecodeState> {
         let b = lengths.len();
         let alloc = self.allocator()?;
-        let buffers: Vec<DynTensor> = hosts.iter().map(|h| h.to_ort(&alloc)).collect::<Result<_>>()?;
+        let buffers: Vec<DynTensor> = hosts
+            .iter()
+            .map(|h| h.to_ort(&alloc))
+            .collect::<Result<_>>()?;
         let mut binding = self.decode.create_binding()?;
         for (s, buf) in self.manifest.state.iter().zip(buffers.iter()) {
             binding.bind_input(s.decode_input.as_str(), buf)?;
         }
-        let mut state = DecodeState { buffers, binding, batch: b, lengths };
+        let io = &self.manifest.decode;
+        let graph = self.device.cuda_graph();
+        // CUDA-graph replay needs every bound buffer at a fixed address on the device; without a
+        // graph, host tensors bound per step are cheaper (ORT copies them in its own run).
+        let token_alloc = if graph {
+            self.allocator()?
+        } else {
+            Allocator::default()
+        };
+        let tokens = Host::i64(&[b as i64, 1], vec![0; b]);
+        let input_ids = tokens.to_ort(&token_alloc)?;
+        binding.bind_input(io.input_ids.as_str(), &input_ids)?;
+        let position_ids = match &io.position_ids {
+            Some(name) => {
+                let t = tokens.to_ort(&token_alloc)?;
+                binding.bind_input(name.as_str(), &t)?;
+                Some(t)
+            }
+            None => None,
+        };
+        let logits = Host::zeros(
+            &self.logits_dtype()?,
+            &[b as i64, 1, self.vocab_size()? as i64],
+        )?
+        .to_ort(&token_alloc)?;
+        let mut state = DecodeState {
+            buffers,
+            input_ids,
+            position_ids,
+            logits,
+            binding,
+            batch: b,
+            lengths,
+        };
         for (s, buf) in self.manifest.state.iter().zip(state.buffers.iter_mut()) {
             // The same buffer as input and output: the step updates it in place.
-            state.binding.bind_output(s.decode_output.as_str(), &mut *buf)?;
+            state
+                .binding
+                .bind_output(s.decode_output.as_str(), &mut *buf)?;
         }
-        let cpu = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)?;
-        state.binding.bind_output_to_device(self.manifest.decode.logits.as_str(), &cpu)?;
+        state
+            .binding
+            .bind_output(io.logits.as_str(), &mut state.logits)?;
+        if graph {
+            // ORT runs the model several times inside the first Run with CUDA graphs enabled
+            // (warm-up, capture, replay): capture now, then put the state back as it was.
+            self.decode
+                .run_binding(&state.binding)
+                .context("capture the decode step in a CUDA graph")?;
+            for (h, buf) in hosts.iter().zip(state.buffers.iter_mut()) {
+                h.upload(buf)?;
+            }
+        }
         Ok(state)
     }
 
@@ -141,16 +281,33 @@ impl PowerModel {
     pub fn step(&mut self, st: &mut DecodeState, tokens: &[i64]) -> Result<Vec<Vec<f32>>> {
         let b = st.batch as i64;
         let io = &self.manifest.decode;
-        st.binding.bind_input(io.input_ids.as_str(), &Host::i64(&[b, 1], tokens.to_vec()).to_ort(&Allocator::default())?)?;
-        if let Some(name) = &io.position_ids {
-            st.binding.bind_input(name.as_str(), &Host::i64(&[b, 1], st.lengths.clone()).to_ort(&Allocator::default())?)?;
+        Host::i64(&[b, 1], tokens.to_vec()).upload(&mut st.input_ids)?;
+        if let Some(pos) = st.position_ids.as_mut() {
+            Host::i64(&[b, 1], st.lengths.clone()).upload(pos)?;
+        }
+        if !self.device.cuda_graph() {
+            // Host tensors updated in place: rebinding makes ORT copy the new values in.
+            st.binding
+                .bind_input(io.input_ids.as_str(), &st.input_ids)?;
+            if let (Some(name), Some(pos)) = (&io.position_ids, &st.position_ids) {
+                st.binding.bind_input(name.as_str(), pos)?;
+            }
         }
         if let Some(name) = &io.attention_mask {
+            if self.device.cuda_graph() {
+                bail!("the decode model takes '{name}', whose shape grows every step: CUDA-graph replay needs fixed shapes");
+            }
             let total = st.lengths.iter().max().copied().unwrap_or(0) + 1;
-            st.binding.bind_input(name.as_str(), &Host::i64(&[b, total], vec![1; (b * total) as usize]).to_ort(&Allocator::default())?)?;
+            st.binding.bind_input(
+                name.as_str(),
+                &Host::i64(&[b, total], vec![1; (b * total) as usize])
+                    .to_ort(&Allocator::default())?,
+            )?;
         }
-        let out = self.decode.run_binding(&st.binding).context("decode step")?;
-        let logits = Host::from_ort_anywhere(&out[io.logits.as_str()])?;
+        self.decode
+            .run_binding(&st.binding)
+            .context("decode step")?;
+        let logits = Host::from_tensor(&st.logits)?;
         let vocab = *logits.shape.last().context("logits rank")? as usize;
         for l in st.lengths.iter_mut() {
             *l += 1;
@@ -160,7 +317,12 @@ impl PowerModel {
 
     /// Decode buffers as after `context` tokens of history: random state values of realistic size
     /// and a window filled to `context mod C` (for timing; a step's cost does not depend on values).
-    pub fn start_synthetic(&mut self, batch: usize, context: usize, seed: u64) -> Result<DecodeState> {
+    pub fn start_synthetic(
+        &mut self,
+        batch: usize,
+        context: usize,
+        seed: u64,
+    ) -> Result<DecodeState> {
         let mut rng = StdRng::seed_from_u64(seed);
         let fill = (context as i64).rem_euclid(self.manifest.cache_capacity.max(1));
         let mut hosts = Vec::with_capacity(self.manifest.state.len());
@@ -169,11 +331,19 @@ impl PowerModel {
             match (&mut h.data, s.role.as_str()) {
                 (HostData::I64(v), _) => v.iter_mut().for_each(|x| *x = fill),
                 // Sums of expanded keys stay positive so every denominator is.
-                (HostData::F32(v), "sum_of_keys") => v.iter_mut().for_each(|x| *x = rng.random_range(0.5..1.0)),
+                (HostData::F32(v), "sum_of_keys") => {
+                    v.iter_mut().for_each(|x| *x = rng.random_range(0.5..1.0))
+                }
                 (HostData::F32(v), "log_gate_cache") => v.iter_mut().for_each(|x| *x = -0.01),
-                (HostData::F32(v), _) => v.iter_mut().for_each(|x| *x = rng.random_range(-0.1..0.1)),
-                (HostData::F16(v), _) => v.iter_mut().for_each(|x| *x = half::f16::from_f32(rng.random_range(-1.0..1.0))),
-                (HostData::BF16(v), _) => v.iter_mut().for_each(|x| *x = half::bf16::from_f32(rng.random_range(-1.0..1.0))),
+                (HostData::F32(v), _) => {
+                    v.iter_mut().for_each(|x| *x = rng.random_range(-0.1..0.1))
+                }
+                (HostData::F16(v), _) => v
+                    .iter_mut()
+                    .for_each(|x| *x = half::f16::from_f32(rng.random_range(-1.0..1.0))),
+                (HostData::BF16(v), _) => v
+                    .iter_mut()
+                    .for_each(|x| *x = half::bf16::from_f32(rng.random_range(-1.0..1.0))),
             }
             hosts.push(h);
         }
@@ -181,7 +351,13 @@ impl PowerModel {
     }
 
     /// Times `steps` decode steps from a synthetic history of `context` tokens.
-    pub fn time_steps(&mut self, batch: usize, context: usize, steps: usize, seed: u64) -> Result<Vec<f64>> {
+    pub fn time_steps(
+        &mut self,
+        batch: usize,
+        context: usize,
+        steps: usize,
+        seed: u64,
+    ) -> Result<Vec<f64>> {
         let mut st = self.start_synthetic(batch, context, seed)?;
         let tokens: Vec<i64> = (0..batch as i64).map(|i| i % 7).collect();
         let mut times = Vec::with_capacity(steps);
@@ -196,7 +372,15 @@ impl PowerModel {
     fn allocator(&self) -> Result<Allocator> {
         Ok(match self.device {
             Device::Cpu => Allocator::default(),
-            Device::Cuda { .. } => Allocator::new(&self.decode, MemoryInfo::new(AllocationDevice::CUDA, 0, AllocatorType::Device, MemoryType::Default)?)?,
+            Device::Cuda { .. } => Allocator::new(
+                &self.decode,
+                MemoryInfo::new(
+                    AllocationDevice::CUDA,
+                    0,
+                    AllocatorType::Device,
+                    MemoryType::Default,
+                )?,
+            )?,
         })
     }
 }
@@ -204,11 +388,18 @@ impl PowerModel {
 impl StateTensor {
     /// The shape for a batch of `b` (the manifest writes the batch dim as -1).
     pub fn shape_for(&self, b: usize) -> Vec<i64> {
-        self.shape.iter().map(|&d| if d < 0 { b as i64 } else { d }).collect()
+        self.shape
+            .iter()
+            .map(|&d| if d < 0 { b as i64 } else { d })
+            .collect()
     }
 
     pub fn bytes_per_sequence(&self) -> u64 {
-        let n: i64 = self.shape.iter().map(|&d| if d < 0 { 1 } else { d }).product();
+        let n: i64 = self
+            .shape
+            .iter()
+            .map(|&d| if d < 0 { 1 } else { d })
+            .product();
         let each = match self.dtype.as_str() {
             "float16" | "bfloat16" => 2,
             "int64" => 8,

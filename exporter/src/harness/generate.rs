@@ -35,7 +35,10 @@ pub struct GenerateReport {
 /// Random prompts of the given lengths over a vocabulary of `vocab` tokens.
 pub fn random_prompts(lengths: &[usize], vocab: usize, seed: u64) -> Vec<Vec<i64>> {
     let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
-    lengths.iter().map(|&n| (0..n).map(|_| rng.random_range(0..vocab as i64)).collect()).collect()
+    lengths
+        .iter()
+        .map(|&n| (0..n).map(|_| rng.random_range(0..vocab as i64)).collect())
+        .collect()
 }
 
 pub fn generate(model: &mut PowerModel, opts: &GenerateOptions) -> Result<GenerateReport> {
@@ -46,13 +49,22 @@ pub fn generate(model: &mut PowerModel, opts: &GenerateOptions) -> Result<Genera
     let t0 = Instant::now();
     let (mut st, first) = model.start(&opts.prompts)?;
     let prefill_seconds = t0.elapsed().as_secs_f64();
-    let mut samplers: Vec<Sampler> = (0..b).map(|i| Sampler::new(opts.sampling, opts.seed.wrapping_add(i as u64))).collect();
-    let mut next: Vec<i64> = first.iter().zip(samplers.iter_mut()).map(|(l, s)| s.next(l) as i64).collect();
+    let mut samplers: Vec<Sampler> = (0..b)
+        .map(|i| Sampler::new(opts.sampling, opts.seed.wrapping_add(i as u64)))
+        .collect();
+    let mut next: Vec<i64> = first
+        .iter()
+        .zip(samplers.iter_mut())
+        .map(|(l, s)| s.next(l) as i64)
+        .collect();
     let mut generated: Vec<Vec<i64>> = next.iter().map(|&t| vec![t]).collect();
     let mut step_logits: Vec<Vec<Vec<f32>>> = vec![Vec::new(); b];
     let bar = (opts.progress && opts.new_tokens >= 64).then(|| {
         let bar = ProgressBar::new(opts.new_tokens as u64);
-        bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} tokens {per_sec} eta {eta}").unwrap_or_else(|_| ProgressStyle::default_bar()));
+        bar.set_style(
+            ProgressStyle::with_template("{bar:40} {pos}/{len} tokens {per_sec} eta {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
         bar
     });
     let mut times = Vec::with_capacity(opts.new_tokens);
@@ -76,13 +88,34 @@ pub fn generate(model: &mut PowerModel, opts: &GenerateOptions) -> Result<Genera
     }
     let step = Summary::of(&times);
     let tokens_per_second = step.map_or(0.0, |s| b as f64 / s.mean);
-    let check_error = if opts.check { Some(check_against_prefill(model, &opts.prompts, &generated, &step_logits)?) } else { None };
-    Ok(GenerateReport { tokens: generated, prefill_seconds, step, tokens_per_second, state_bytes: model.state_bytes_per_sequence() * b as u64, check_error })
+    let check_error = if opts.check {
+        Some(check_against_prefill(
+            model,
+            &opts.prompts,
+            &generated,
+            &step_logits,
+        )?)
+    } else {
+        None
+    };
+    Ok(GenerateReport {
+        tokens: generated,
+        prefill_seconds,
+        step,
+        tokens_per_second,
+        state_bytes: model.state_bytes_per_sequence() * b as u64,
+        check_error,
+    })
 }
 
 /// Decode step j of sequence β consumed token generated[β][j] at position P + j; prefill over the
 /// prompt and the generated tokens gives the logits at that position directly.
-fn check_against_prefill(model: &mut PowerModel, prompts: &[Vec<i64>], generated: &[Vec<i64>], step_logits: &[Vec<Vec<f32>>]) -> Result<f64> {
+fn check_against_prefill(
+    model: &mut PowerModel,
+    prompts: &[Vec<i64>],
+    generated: &[Vec<i64>],
+    step_logits: &[Vec<Vec<f32>>],
+) -> Result<f64> {
     let mut worst = 0.0f64;
     for (bi, prompt) in prompts.iter().enumerate() {
         let steps = step_logits[bi].len();
@@ -94,9 +127,23 @@ fn check_against_prefill(model: &mut PowerModel, prompts: &[Vec<i64>], generated
         let (rows, _) = model.prefill_one(&all)?;
         for (j, got) in step_logits[bi].iter().enumerate() {
             let want = &rows[prompt.len() + j];
-            let num: f64 = got.iter().zip(want).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>().sqrt();
-            let den: f64 = want.iter().map(|&b| (b as f64).powi(2)).sum::<f64>().sqrt().max(f64::MIN_POSITIVE);
-            let e = if num.is_finite() { num / den } else { f64::INFINITY };
+            let num: f64 = got
+                .iter()
+                .zip(want)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            let den: f64 = want
+                .iter()
+                .map(|&b| (b as f64).powi(2))
+                .sum::<f64>()
+                .sqrt()
+                .max(f64::MIN_POSITIVE);
+            let e = if num.is_finite() {
+                num / den
+            } else {
+                f64::INFINITY
+            };
             worst = worst.max(e);
         }
     }
@@ -109,16 +156,28 @@ impl GenerateReport {
         println!("batch             {batch} (prompt lengths decided per sequence; no padding)");
         println!("prefill           {:.1} ms", self.prefill_seconds * 1e3);
         if let Some(s) = self.step {
-            println!("per-token latency median {:.3} ms, p90 {:.3} ms over {} steps", s.median * 1e3, s.p90 * 1e3, s.n);
+            println!(
+                "per-token latency median {:.3} ms, p90 {:.3} ms over {} steps",
+                s.median * 1e3,
+                s.p90 * 1e3,
+                s.n
+            );
             println!("throughput        {:.1} tokens/s", self.tokens_per_second);
         }
-        println!("state memory      {} for the batch (constant in context length)", bytes(self.state_bytes));
+        println!(
+            "state memory      {} for the batch (constant in context length)",
+            bytes(self.state_bytes)
+        );
         if let Some(e) = self.check_error {
             println!("equal-work check  decode logits vs prefill logits at the same positions: max rel err {e:.2e}");
         }
         for (i, t) in self.tokens.iter().enumerate() {
             let shown: Vec<String> = t.iter().take(16).map(|x| x.to_string()).collect();
-            println!("sequence {i}: {}{}", shown.join(" "), if t.len() > 16 { " …" } else { "" });
+            println!(
+                "sequence {i}: {}{}",
+                shown.join(" "),
+                if t.len() > 16 { " …" } else { "" }
+            );
         }
     }
 }

@@ -12,7 +12,9 @@ use ort::session::Session;
 pub enum Device {
     Cpu,
     /// ORT's CUDA execution provider; `graph` captures the decode step in a CUDA graph.
-    Cuda { graph: bool },
+    Cuda {
+        graph: bool,
+    },
 }
 
 impl Device {
@@ -46,12 +48,17 @@ pub fn find_ort(explicit: Option<&Path>) -> Result<PathBuf> {
     }
     for root in roots() {
         let lib = root.join(".venv/lib");
-        let Ok(pythons) = std::fs::read_dir(&lib) else { continue };
+        let Ok(pythons) = std::fs::read_dir(&lib) else {
+            continue;
+        };
         for py in pythons.flatten() {
             let capi = py.path().join("site-packages/onnxruntime/capi");
             if let Ok(files) = std::fs::read_dir(&capi) {
                 for f in files.flatten() {
-                    if f.file_name().to_string_lossy().starts_with("libonnxruntime.so.") {
+                    if f.file_name()
+                        .to_string_lossy()
+                        .starts_with("libonnxruntime.so.")
+                    {
                         return Ok(f.path());
                     }
                 }
@@ -97,7 +104,12 @@ impl Runtime {
             .with_name("power-retention")
             .build()
             .context("create the ONNX Runtime environment")?;
-        Ok(Runtime { env, plugin, ort_lib, threads })
+        Ok(Runtime {
+            env,
+            plugin,
+            ort_lib,
+            threads,
+        })
     }
 
     /// A session with the plugin registered.
@@ -110,16 +122,31 @@ impl Runtime {
         self.build(model, device, false, false)
     }
 
-    fn build(&self, model: &Path, device: Device, cuda_graph: bool, plugin: bool) -> Result<Session> {
-        let mut b = Session::builder(&self.env)?.with_intra_threads(self.threads).map_err(builder_error)?;
+    fn build(
+        &self,
+        model: &Path,
+        device: Device,
+        cuda_graph: bool,
+        plugin: bool,
+    ) -> Result<Session> {
+        let mut b = Session::builder(&self.env)?
+            .with_intra_threads(self.threads)
+            .map_err(builder_error)?;
         if plugin {
-            b = b.with_operator_library(&self.plugin).map_err(builder_error).with_context(|| format!("register {}", self.plugin.display()))?;
+            b = b
+                .with_operator_library(&self.plugin)
+                .map_err(builder_error)
+                .with_context(|| format!("register {}", self.plugin.display()))?;
         }
         if let Device::Cuda { .. } = device {
-            let cuda = ort::ep::CUDA::default().with_cuda_graph(cuda_graph).build().error_on_failure();
+            let cuda = ort::ep::CUDA::default()
+                .with_cuda_graph(cuda_graph)
+                .build()
+                .error_on_failure();
             b = b.with_execution_providers([cuda]).map_err(builder_error)?;
         }
-        b.commit_from_file(model).with_context(|| format!("load {}", model.display()))
+        b.commit_from_file(model)
+            .with_context(|| format!("load {}", model.display()))
     }
 }
 

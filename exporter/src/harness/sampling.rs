@@ -7,9 +7,15 @@ use rand::{Rng, SeedableRng};
 pub enum Sampling {
     Greedy,
     /// Keep the k most likely tokens, sample among them.
-    TopK { k: usize, temperature: f32 },
+    TopK {
+        k: usize,
+        temperature: f32,
+    },
     /// Keep the smallest set of most likely tokens whose probability reaches p, sample among them.
-    TopP { p: f32, temperature: f32 },
+    TopP {
+        p: f32,
+        temperature: f32,
+    },
 }
 
 impl std::str::FromStr for Sampling {
@@ -23,27 +29,37 @@ impl std::str::FromStr for Sampling {
         for p in parts {
             match p.strip_prefix("t=").map(str::parse::<f32>) {
                 Some(Ok(t)) if t > 0.0 && t.is_finite() => temperature = t,
-                _ => return Err(format!("bad sampling option '{p}': expected t=<positive temperature>")),
+                _ => {
+                    return Err(format!(
+                        "bad sampling option '{p}': expected t=<positive temperature>"
+                    ))
+                }
             }
         }
         if head == "greedy" {
             return Ok(Sampling::Greedy);
         }
         if let Some(k) = head.strip_prefix("top-k=") {
-            let k: usize = k.parse().map_err(|_| format!("top-k wants a positive integer, got '{k}'"))?;
+            let k: usize = k
+                .parse()
+                .map_err(|_| format!("top-k wants a positive integer, got '{k}'"))?;
             if k == 0 {
                 return Err("top-k wants k ≥ 1".into());
             }
             return Ok(Sampling::TopK { k, temperature });
         }
         if let Some(p) = head.strip_prefix("top-p=") {
-            let p: f32 = p.parse().map_err(|_| format!("top-p wants a probability, got '{p}'"))?;
+            let p: f32 = p
+                .parse()
+                .map_err(|_| format!("top-p wants a probability, got '{p}'"))?;
             if !(p > 0.0 && p <= 1.0) {
                 return Err(format!("top-p wants 0 < p ≤ 1, got {p}"));
             }
             return Ok(Sampling::TopP { p, temperature });
         }
-        Err(format!("unknown sampling '{s}': use greedy, top-k=K or top-p=P (optionally ,t=T)"))
+        Err(format!(
+            "unknown sampling '{s}': use greedy, top-k=K or top-p=P (optionally ,t=T)"
+        ))
     }
 }
 
@@ -55,7 +71,10 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(how: Sampling, seed: u64) -> Sampler {
-        Sampler { how, rng: StdRng::seed_from_u64(seed) }
+        Sampler {
+            how,
+            rng: StdRng::seed_from_u64(seed),
+        }
     }
 
     pub fn next(&mut self, logits: &[f32]) -> usize {
@@ -111,8 +130,14 @@ fn ranked(logits: &[f32]) -> Vec<usize> {
 }
 
 fn softmax(logits: &[f32], idx: &[usize], temperature: f32) -> Vec<f64> {
-    let m = idx.iter().map(|&i| logits[i] as f64).fold(f64::NEG_INFINITY, f64::max);
-    let e: Vec<f64> = idx.iter().map(|&i| ((logits[i] as f64 - m) / temperature as f64).exp()).collect();
+    let m = idx
+        .iter()
+        .map(|&i| logits[i] as f64)
+        .fold(f64::NEG_INFINITY, f64::max);
+    let e: Vec<f64> = idx
+        .iter()
+        .map(|&i| ((logits[i] as f64 - m) / temperature as f64).exp())
+        .collect();
     let s: f64 = e.iter().sum();
     e.into_iter().map(|x| x / s).collect()
 }
@@ -123,7 +148,10 @@ mod tests {
 
     #[test]
     fn greedy_takes_the_largest_logit() {
-        assert_eq!(Sampler::new(Sampling::Greedy, 0).next(&[0.1, 3.0, -1.0, 2.9]), 1);
+        assert_eq!(
+            Sampler::new(Sampling::Greedy, 0).next(&[0.1, 3.0, -1.0, 2.9]),
+            1
+        );
     }
 
     #[test]

@@ -17,7 +17,12 @@ impl Summary {
         let mut v = times.to_vec();
         v.sort_by(f64::total_cmp);
         let q = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
-        Some(Summary { median: q(0.5), p90: q(0.9), mean: v.iter().sum::<f64>() / v.len() as f64, n: v.len() })
+        Some(Summary {
+            median: q(0.5),
+            p90: q(0.9),
+            mean: v.iter().sum::<f64>() / v.len() as f64,
+            n: v.len(),
+        })
     }
 }
 

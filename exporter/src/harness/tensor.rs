@@ -30,14 +30,21 @@ impl Host {
             "int64" => HostData::I64(vec![0; n]),
             other => bail!("unsupported element type '{other}' in the state description"),
         };
-        Ok(Host { shape: shape.to_vec(), data })
+        Ok(Host {
+            shape: shape.to_vec(),
+            data,
+        })
     }
 
     pub fn i64(shape: &[i64], v: Vec<i64>) -> Host {
-        Host { shape: shape.to_vec(), data: HostData::I64(v) }
+        Host {
+            shape: shape.to_vec(),
+            data: HostData::I64(v),
+        }
     }
 
-    pub fn len(&self) -> usize {
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
         match &self.data {
             HostData::F32(v) => v.len(),
             HostData::F16(v) => v.len(),
@@ -46,12 +53,14 @@ impl Host {
         }
     }
 
-    /// Copies `src` (same dtype) into elements [offset, offset + src.len()).
+    /// Copies `src` (same dtype) into elements [offset, offset + src.numel()).
     pub fn write_at(&mut self, offset: usize, src: &Host) -> Result<()> {
         match (&mut self.data, &src.data) {
             (HostData::F32(d), HostData::F32(s)) => d[offset..offset + s.len()].copy_from_slice(s),
             (HostData::F16(d), HostData::F16(s)) => d[offset..offset + s.len()].copy_from_slice(s),
-            (HostData::BF16(d), HostData::BF16(s)) => d[offset..offset + s.len()].copy_from_slice(s),
+            (HostData::BF16(d), HostData::BF16(s)) => {
+                d[offset..offset + s.len()].copy_from_slice(s)
+            }
             (HostData::I64(d), HostData::I64(s)) => d[offset..offset + s.len()].copy_from_slice(s),
             _ => bail!("element type mismatch while assembling a batch"),
         }
@@ -94,14 +103,53 @@ impl Host {
         })
     }
 
+    /// Writes these values into an existing tensor (same dtype and size), keeping its address.
+    pub fn upload(&self, dst: &mut DynTensor) -> Result<()> {
+        if dst.memory_info().is_cpu_accessible() {
+            match &self.data {
+                HostData::F32(v) => dst.try_extract_tensor_mut::<f32>()?.1.copy_from_slice(v),
+                HostData::F16(v) => dst.try_extract_tensor_mut::<f16>()?.1.copy_from_slice(v),
+                HostData::BF16(v) => dst.try_extract_tensor_mut::<bf16>()?.1.copy_from_slice(v),
+                HostData::I64(v) => dst.try_extract_tensor_mut::<i64>()?.1.copy_from_slice(v),
+            }
+            return Ok(());
+        }
+        self.to_ort(&Allocator::default())?
+            .copy_into(dst)
+            .context("copy to the device")
+    }
+
+    /// Reads a tensor wherever it lives.
+    pub fn from_tensor(t: &DynTensor) -> Result<Host> {
+        if t.memory_info().is_cpu_accessible() {
+            return Host::from_ort(&t.view().into_dyn());
+        }
+        let cpu = t
+            .to(ort::memory::AllocationDevice::CPU, 0)
+            .context("copy a device tensor to the host")?;
+        Host::from_ort(&cpu.into_dyn())
+    }
+
     /// Reads any host-accessible ORT tensor.
     pub fn from_ort(v: &DynValue) -> Result<Host> {
         let shape: Vec<i64> = v.shape().to_vec();
         let data = match v.dtype().clone() {
-            ort::value::ValueType::Tensor { ty: TensorElementType::Float32, .. } => HostData::F32(v.try_extract_tensor::<f32>()?.1.to_vec()),
-            ort::value::ValueType::Tensor { ty: TensorElementType::Float16, .. } => HostData::F16(v.try_extract_tensor::<f16>()?.1.to_vec()),
-            ort::value::ValueType::Tensor { ty: TensorElementType::Bfloat16, .. } => HostData::BF16(v.try_extract_tensor::<bf16>()?.1.to_vec()),
-            ort::value::ValueType::Tensor { ty: TensorElementType::Int64, .. } => HostData::I64(v.try_extract_tensor::<i64>()?.1.to_vec()),
+            ort::value::ValueType::Tensor {
+                ty: TensorElementType::Float32,
+                ..
+            } => HostData::F32(v.try_extract_tensor::<f32>()?.1.to_vec()),
+            ort::value::ValueType::Tensor {
+                ty: TensorElementType::Float16,
+                ..
+            } => HostData::F16(v.try_extract_tensor::<f16>()?.1.to_vec()),
+            ort::value::ValueType::Tensor {
+                ty: TensorElementType::Bfloat16,
+                ..
+            } => HostData::BF16(v.try_extract_tensor::<bf16>()?.1.to_vec()),
+            ort::value::ValueType::Tensor {
+                ty: TensorElementType::Int64,
+                ..
+            } => HostData::I64(v.try_extract_tensor::<i64>()?.1.to_vec()),
             other => bail!("unsupported output type {other:?}"),
         };
         Ok(Host { shape, data })
@@ -113,7 +161,9 @@ impl Host {
         if t.memory_info().is_cpu_accessible() {
             return Host::from_ort(v);
         }
-        let cpu = t.to(ort::memory::AllocationDevice::CPU, 0).context("copy a device tensor to the host")?;
+        let cpu = t
+            .to(ort::memory::AllocationDevice::CPU, 0)
+            .context("copy a device tensor to the host")?;
         Host::from_ort(&cpu.into_dyn())
     }
 }
