@@ -5,7 +5,7 @@
 
 use std::sync::Mutex;
 
-use super::{cumulative_gates, expand, gather, weight};
+use super::{cumulative_gates, decayed_key_features, expand, gather, weight};
 use crate::element::Element;
 use crate::ffi::gemm::{gemm, MatMut, MatRef};
 use crate::parallel::Parallel;
@@ -198,15 +198,7 @@ pub fn decode<T: Element>(
             }
             if n >= c {
                 // Fold the whole window; the window gate sum restarts at zero afterwards.
-                let end = gam[n - 1];
-                for j in 0..n {
-                    expand(
-                        &wk[j * dk..(j + 1) * dk],
-                        2.0,
-                        (end - gam[j]).exp(),
-                        &mut phi[j * d..(j + 1) * d],
-                    );
-                }
+                let end = decayed_key_features(&wk, dk, &gam, n, d, &mut phi);
                 gemm(
                     1.0,
                     MatRef::new(&phi, n, d, d).t(),

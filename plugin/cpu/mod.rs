@@ -56,6 +56,28 @@ pub fn gather<T: Element>(
     }
 }
 
+/// Writes φ_k of `n` keys (rows of `dk`) into `phi` (rows of `d`), each scaled by its decay to the
+/// last of them, e^{Γ_end − Γ_j}; returns Γ_end. Folding is then `S ← e^{Γ_end}·S + φᵀ·V`.
+pub fn decayed_key_features(
+    keys: &[f32],
+    dk: usize,
+    gam: &[f32],
+    n: usize,
+    d: usize,
+    phi: &mut [f32],
+) -> f32 {
+    let end = gam[n - 1];
+    for j in 0..n {
+        expand(
+            &keys[j * dk..(j + 1) * dk],
+            2.0,
+            (end - gam[j]).exp(),
+            &mut phi[j * d..(j + 1) * d],
+        );
+    }
+    end
+}
+
 /// Inclusive cumulative sum of the gates of `rows` tokens (0 without gating).
 pub fn cumulative_gates(
     gates: Option<&[f32]>,

@@ -5,7 +5,7 @@
 
 use std::sync::Mutex;
 
-use super::{cumulative_gates, expand, gather, weight};
+use super::{cumulative_gates, decayed_key_features, expand, gather, weight};
 use crate::element::Element;
 use crate::ffi::gemm::{gemm, MatMut, MatRef};
 use crate::parallel::Parallel;
@@ -223,15 +223,7 @@ fn chunked_item<T: Element>(
             }
         }
         // State update: [S | s] ← e^{Γ_end}·[S | s] + Σ_j e^{Γ_end − Γ_j} φ_k(k_j) [v_j | 1].
-        let end = gam[n - 1];
-        for j in 0..n {
-            expand(
-                &kc[j * dk..(j + 1) * dk],
-                2.0,
-                (end - gam[j]).exp(),
-                &mut phi[j * d..(j + 1) * d],
-            );
-        }
+        let end = decayed_key_features(&kc, dk, &gam, n, d, &mut phi);
         gemm(
             1.0,
             MatRef::new(&phi, n, d, d).t(),
