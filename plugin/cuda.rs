@@ -34,7 +34,7 @@ fn supported(op: &'static OpSchema, d: &Dims, deg: usize) -> Result<()> {
     } else {
         8
     };
-    if d.dv % dv_multiple != 0 {
+    if !d.dv.is_multiple_of(dv_multiple) {
         return refuse(format!(
             "value head dim Dv = {} (must be a multiple of {dv_multiple})",
             d.dv
