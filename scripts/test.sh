@@ -19,5 +19,12 @@ echo "== Rust tests (plugin through ONNX Runtime, exporter)"
 cargo build --release -p power-retention-ort "${features[@]}"
 cargo test --release --workspace "${features[@]}"
 
+echo "== fuzzing the rewriter's model parser and matcher (bounded)"
+# cargo-fuzz needs nightly flags; RUSTC_BOOTSTRAP lets the stable toolchain accept them, and
+# without a sanitizer runtime nothing but libFuzzer's coverage instrumentation is needed.
+command -v cargo-fuzz >/dev/null || cargo install -q --locked cargo-fuzz
+(cd exporter && RUSTC_BOOTSTRAP=1 cargo fuzz run parse_and_rewrite --sanitizer none -- \
+  -max_total_time="${FUZZ_SECONDS:-20}" -seed=1 2>&1 | grep -E '^Done|ERROR|panicked|deadly' )
+
 echo "== Python tests (plugin loaded by onnxruntime $(.venv/bin/python -c 'import onnxruntime as o; print(o.__version__)'))"
 POWER_RETENTION_LIB=$PWD/target/release/libpower_retention_ort.so .venv/bin/python -m pytest tests/python -q
