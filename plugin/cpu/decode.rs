@@ -5,7 +5,7 @@
 
 use std::sync::Mutex;
 
-use super::{cumulative_gates, decayed_key_features, expand, gather, weight};
+use super::{cumulative_gates, decay, decayed_key_features, expand, gather, weight};
 use crate::element::Element;
 use crate::ffi::gemm::{gemm, MatMut, MatRef};
 use crate::parallel::Parallel;
@@ -69,7 +69,7 @@ pub fn decode<T: Element>(
             // Window rows: cached tokens 0..l, then the new tokens.
             let mut wk = vec![0.0f32; n * dk];
             let mut wv = vec![0.0f32; n * w];
-            let mut gam = vec![0.0f32; n];
+            let mut gam = vec![0.0f64; n];
             gather(
                 key_cache,
                 bi * c * hkv * dk + h * dk,
@@ -145,7 +145,7 @@ pub fn decode<T: Element>(
                 let pos = l + row % s;
                 for (j, x) in scores[row * n..(row + 1) * n].iter_mut().enumerate() {
                     *x = if j <= pos {
-                        weight(a.scale * *x, 2, (gam[pos] - gam[j]).exp())
+                        weight(a.scale * *x, 2, decay(gam[pos], gam[j]))
                     } else {
                         0.0
                     };
@@ -169,7 +169,7 @@ pub fn decode<T: Element>(
                 expand(
                     &qs[row * dk..(row + 1) * dk],
                     1.0,
-                    sp * gam[pos].exp(),
+                    sp * gam[pos].exp() as f32,
                     &mut phi[row * d..(row + 1) * d],
                 );
             }
@@ -203,14 +203,14 @@ pub fn decode<T: Element>(
                     1.0,
                     MatRef::new(&phi, n, d, d).t(),
                     MatRef::new(&wv, n, dv, w),
-                    end.exp(),
+                    end.exp() as f32,
                     MatMut::new(state, d, dv, dv),
                 );
                 gemm(
                     1.0,
                     MatRef::new(&phi, n, d, d).t(),
                     MatRef::strided(&wv[dv..], n, 1, w, 1),
-                    end.exp(),
+                    end.exp() as f32,
                     MatMut::new(sum, d, 1, 1),
                 );
             }

@@ -61,35 +61,42 @@ pub fn gather<T: Element>(
 pub fn decayed_key_features(
     keys: &[f32],
     dk: usize,
-    gam: &[f32],
+    gam: &[f64],
     n: usize,
     d: usize,
     phi: &mut [f32],
-) -> f32 {
+) -> f64 {
     let end = gam[n - 1];
     for j in 0..n {
         expand(
             &keys[j * dk..(j + 1) * dk],
             2.0,
-            (end - gam[j]).exp(),
+            decay(end, gam[j]),
             &mut phi[j * d..(j + 1) * d],
         );
     }
     end
 }
 
-/// Inclusive cumulative sum of the gates of `rows` tokens (0 without gating).
+/// e^{Γ_i − Γ_j} from f64 cumulative gates: over long chunks or windows Γ reaches hundreds, and an
+/// f32 difference of two such sums would lose |Γ|·2⁻²⁴ of relative accuracy.
+#[inline(always)]
+pub fn decay(gi: f64, gj: f64) -> f32 {
+    ((gi - gj) as f32).exp()
+}
+
+/// Inclusive cumulative sum (in f64, see [`decay`]) of the gates of `rows` tokens (0 without gating).
 pub fn cumulative_gates(
     gates: Option<&[f32]>,
     start: usize,
     stride: usize,
     rows: usize,
-    out: &mut [f32],
+    out: &mut [f64],
 ) {
-    let mut acc = 0.0f32;
+    let mut acc = 0.0f64;
     for (r, o) in out[..rows].iter_mut().enumerate() {
         if let Some(g) = gates {
-            acc += g[start + r * stride];
+            acc += f64::from(g[start + r * stride]);
         }
         *o = acc;
     }

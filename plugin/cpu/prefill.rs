@@ -5,7 +5,7 @@
 
 use std::sync::Mutex;
 
-use super::{cumulative_gates, decayed_key_features, expand, gather, weight};
+use super::{cumulative_gates, decay, decayed_key_features, expand, gather, weight};
 use crate::element::Element;
 use crate::ffi::gemm::{gemm, MatMut, MatRef};
 use crate::parallel::Parallel;
@@ -122,7 +122,7 @@ fn chunked_item<T: Element>(
     let mut kc = vec![0.0f32; c * dk];
     let mut vc = vec![0.0f32; c * w];
     let mut qc = vec![0.0f32; r * c * dk];
-    let mut gam = vec![0.0f32; c];
+    let mut gam = vec![0.0f64; c];
     let mut scores = vec![0.0f32; c * c];
     let mut nd = vec![0.0f32; r * c * w];
     let mut phi = vec![0.0f32; r.max(1) * c * d];
@@ -179,7 +179,7 @@ fn chunked_item<T: Element>(
                 let row = &mut scores[i * n..(i + 1) * n];
                 for (j, x) in row.iter_mut().enumerate() {
                     *x = if j <= i {
-                        weight(a.scale * *x, 2, (gam[i] - gam[j]).exp())
+                        weight(a.scale * *x, 2, decay(gam[i], gam[j]))
                     } else {
                         0.0
                     };
@@ -200,7 +200,7 @@ fn chunked_item<T: Element>(
                 expand(
                     &qc[row * dk..(row + 1) * dk],
                     1.0,
-                    sp * gam[i].exp(),
+                    sp * gam[i].exp() as f32,
                     &mut phi[row * d..(row + 1) * d],
                 );
             }
@@ -228,7 +228,7 @@ fn chunked_item<T: Element>(
             1.0,
             MatRef::new(&phi, n, d, d).t(),
             MatRef::new(&vc, n, w, w),
-            end.exp(),
+            end.exp() as f32,
             MatMut::new(&mut state, d, w, w),
         );
         has_state = true;
