@@ -13,7 +13,8 @@ fi
 
 echo "== format and lints"
 cargo fmt --all -- --check
-cargo clippy --workspace --all-targets "${features[@]}" -- -D warnings
+# --release: shares the build script's nvcc output with the release build below.
+cargo clippy --release --workspace --all-targets "${features[@]}" -- -D warnings
 
 echo "== Rust tests (plugin through ONNX Runtime, exporter)"
 cargo build --release -p power-retention-ort "${features[@]}"
