@@ -18,6 +18,7 @@ cargo clippy --release --workspace --all-targets "${features[@]}" -- -D warnings
 
 echo "== Rust tests (plugin through ONNX Runtime, exporter)"
 cargo build --release -p power-retention-ort "${features[@]}"
+export POWER_RETENTION_LIB=$PWD/target/release/libpower_retention_ort.so
 cargo test --release --workspace "${features[@]}"
 
 echo "== fuzzing the rewriter's model parser and matcher (bounded)"
@@ -28,4 +29,4 @@ command -v cargo-fuzz >/dev/null || cargo install -q --locked cargo-fuzz
   -max_total_time="${FUZZ_SECONDS:-20}" -seed=1 2>&1 | grep -E '^Done|ERROR|panicked|deadly' )
 
 echo "== Python tests (plugin loaded by onnxruntime $(.venv/bin/python -c 'import onnxruntime as o; print(o.__version__)'))"
-POWER_RETENTION_LIB=$PWD/target/release/libpower_retention_ort.so .venv/bin/python -m pytest tests/python -q
+.venv/bin/python -m pytest tests/python -q
