@@ -18,7 +18,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{cli, repo_root, scratch, session, text, token_feeds, values_of};
+use common::{cli, named_fixtures, repo_root, scratch, session, text, token_feeds, values_of};
 use serde_json::Value;
 
 const TOLERANCE: f64 = 1e-3;
@@ -87,24 +87,9 @@ impl Oracle {
 }
 
 fn oracles() -> Vec<Oracle> {
-    let mut names: Vec<String> = std::fs::read_dir(oracle_dir())
-        .expect("models/fixtures/oracle exists (run models/make_oracle.py)")
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let n = e.file_name().to_string_lossy().into_owned();
-            n.strip_suffix(".onnx").map(str::to_string)
-        })
-        .collect();
-    names.sort();
-    names
+    named_fixtures(&oracle_dir())
         .into_iter()
-        .map(|name| {
-            let meta: Value = serde_json::from_slice(
-                &std::fs::read(oracle_dir().join(format!("{name}.json"))).expect("oracle json"),
-            )
-            .expect("oracle json parses");
-            Oracle { name, meta }
-        })
+        .map(|(name, meta)| Oracle { name, meta })
         .collect()
 }
 

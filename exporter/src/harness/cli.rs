@@ -39,6 +39,15 @@ pub struct RuntimeArgs {
 }
 
 impl RuntimeArgs {
+    /// The device and an ONNX Runtime with the plugin, as the arguments ask.
+    fn open(&self) -> Result<(Device, Runtime)> {
+        let device = self.device()?;
+        Ok((
+            device,
+            Runtime::new(self.ort.as_deref(), self.plugin.as_deref(), self.threads)?,
+        ))
+    }
+
     fn device(&self) -> Result<Device> {
         match (self.device, self.cuda_graph) {
             (DeviceArg::Cpu, true) => bail!("--cuda-graph needs --device cuda"),
@@ -75,12 +84,7 @@ pub struct GenerateArgs {
 }
 
 pub fn run_generate(a: &GenerateArgs) -> Result<()> {
-    let device = a.runtime.device()?;
-    let rt = Runtime::new(
-        a.runtime.ort.as_deref(),
-        a.runtime.plugin.as_deref(),
-        a.runtime.threads,
-    )?;
+    let (device, rt) = a.runtime.open()?;
     let mut model = PowerModel::load(&rt, &a.model_dir, device)?;
     let prompts: Vec<Vec<i64>> = if a.prompts.is_empty() {
         let vocab = model.vocab_size()?;
@@ -156,12 +160,7 @@ pub struct BenchArgs {
 }
 
 pub fn run_bench(a: &BenchArgs) -> Result<()> {
-    let device = a.runtime.device()?;
-    let rt = Runtime::new(
-        a.runtime.ort.as_deref(),
-        a.runtime.plugin.as_deref(),
-        a.runtime.threads,
-    )?;
+    let (device, rt) = a.runtime.open()?;
     let mut ours = PowerModel::load(&rt, &a.model_dir, device)?;
     let mut stock = StockModel::load(&rt, &a.stock, device)?;
     let command = std::env::args().collect::<Vec<_>>().join(" ");

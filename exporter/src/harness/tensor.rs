@@ -121,13 +121,7 @@ impl Host {
 
     /// Reads a tensor wherever it lives.
     pub fn from_tensor(t: &DynTensor) -> Result<Host> {
-        if t.memory_info().is_cpu_accessible() {
-            return Host::from_ort(&t.view().into_dyn());
-        }
-        let cpu = t
-            .to(ort::memory::AllocationDevice::CPU, 0)
-            .context("copy a device tensor to the host")?;
-        Host::from_ort(&cpu.into_dyn())
+        Host::from_ort_anywhere(&t.view().into_dyn())
     }
 
     /// Reads any host-accessible ORT tensor.

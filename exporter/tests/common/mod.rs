@@ -97,8 +97,21 @@ impl Fixture {
 }
 
 pub fn fixtures() -> Vec<Fixture> {
-    let mut names: Vec<String> = std::fs::read_dir(fixtures_dir())
-        .expect("models/fixtures exists (run models/make_fixtures.py)")
+    named_fixtures(&fixtures_dir())
+        .into_iter()
+        .map(|(name, meta)| Fixture { name, meta })
+        .collect()
+}
+
+/// Every `NAME.onnx` of `dir` with its `NAME.json`, sorted by name.
+pub fn named_fixtures(dir: &Path) -> Vec<(String, Value)> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (run the models/make_*.py script that builds it)",
+                dir.display()
+            )
+        })
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             let n = e.file_name().to_string_lossy().into_owned();
@@ -106,19 +119,13 @@ pub fn fixtures() -> Vec<Fixture> {
         })
         .collect();
     names.sort();
-    assert!(
-        !names.is_empty(),
-        "no fixtures in {}",
-        fixtures_dir().display()
-    );
+    assert!(!names.is_empty(), "no fixtures in {}", dir.display());
     names
         .into_iter()
         .map(|name| {
-            let meta: Value = serde_json::from_slice(
-                &std::fs::read(fixtures_dir().join(format!("{name}.json"))).expect("fixture json"),
-            )
-            .expect("fixture json parses");
-            Fixture { name, meta }
+            let json = std::fs::read(dir.join(format!("{name}.json"))).expect("fixture json");
+            let meta: Value = serde_json::from_slice(&json).expect("fixture json parses");
+            (name, meta)
         })
         .collect()
 }
