@@ -24,6 +24,7 @@
 #include <math.h>
 
 #include "common.cuh"
+#include "prefill_tc.cuh"
 
 namespace pr {
 namespace {
@@ -304,7 +305,9 @@ cudaError_t dispatch_dk(const PrPrefillParams& p, const PrefillShape& sh, cudaSt
 
 extern "C" uint64_t pr_prefill_workspace_bytes(const PrPrefillParams*) { return 0; }
 
-extern "C" int pr_prefill(const PrPrefillParams* params, void* stream) {
+namespace {
+// Shared validation of pr_prefill and pr_prefill_simt: 1 = invalid, 0 = nothing to launch, -1 = launch.
+int validate(const PrPrefillParams* params) {
   if (params == nullptr) return cudaErrorInvalidValue;
   const PrPrefillParams& p = *params;
   if (p.deg != 2 || p.batch < 0 || p.batch > 65535 || p.seq_len < 0 || p.q_heads < 1 || p.kv_heads < 1 ||
@@ -313,13 +316,31 @@ extern "C" int pr_prefill(const PrPrefillParams* params, void* stream) {
     return cudaErrorInvalidValue;
   if (p.seq_len > 0 && (p.query == nullptr || p.key == nullptr || p.value == nullptr || p.output == nullptr))
     return cudaErrorInvalidValue;
-  if (p.batch == 0) return cudaSuccess;
+  if (p.dtype != PR_DTYPE_F32 && p.dtype != PR_DTYPE_F16 && p.dtype != PR_DTYPE_BF16) return cudaErrorInvalidValue;
+  if (p.key_dim != 32 && p.key_dim != 64 && p.key_dim != 128) return cudaErrorInvalidValue;
+  return p.batch == 0 ? 0 : -1;
+}
+
+int simt(const PrPrefillParams& p, cudaStream_t s) {
   const pr::PrefillShape sh{p.batch, p.seq_len, p.q_heads, p.kv_heads, p.value_dim, p.q_heads / p.kv_heads};
-  cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (p.dtype) {
     case PR_DTYPE_F32: return pr::dispatch_dk<float>(p, sh, s);
     case PR_DTYPE_F16: return pr::dispatch_dk<__half>(p, sh, s);
-    case PR_DTYPE_BF16: return pr::dispatch_dk<__nv_bfloat16>(p, sh, s);
-    default: return cudaErrorInvalidValue;
+    default: return pr::dispatch_dk<__nv_bfloat16>(p, sh, s);
   }
+}
+}  // namespace
+
+extern "C" int pr_prefill(const PrPrefillParams* params, void* stream) {
+  const int v = validate(params);
+  if (v >= 0) return v;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (pr::prefill_tc_supports(*params)) return pr::prefill_tc(*params, s);
+  return simt(*params, s);
+}
+
+extern "C" int pr_prefill_simt(const PrPrefillParams* params, void* stream) {
+  const int v = validate(params);
+  if (v >= 0) return v;
+  return simt(*params, static_cast<cudaStream_t>(stream));
 }

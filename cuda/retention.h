@@ -109,6 +109,10 @@ uint64_t pr_prefill_workspace_bytes(const PrPrefillParams* params);
 int pr_prefill(const PrPrefillParams* params, void* stream);
 int pr_decode(const PrDecodeParams* params, void* stream);
 
+/* pr_prefill always on the general float32 SIMT kernel (every dtype and Dk), never the tensor-core
+ * one that pr_prefill picks for bf16 with Dk 32/64: for tests and side-by-side benchmarks. */
+int pr_prefill_simt(const PrPrefillParams* params, void* stream);
+
 /* Layout check for foreign callers. Writes, in order:
  *   PR_ABI_VERSION, sizeof(PrPrefillParams), the offsetof of each PrPrefillParams field in
  *   declaration order, sizeof(PrDecodeParams), the offsetof of each PrDecodeParams field in

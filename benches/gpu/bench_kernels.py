@@ -58,20 +58,22 @@ def prefill_rows():
             pkg[c] = (bench(f, rep=100), rel(out, y))
         c_best = min(pkg, key=lambda c: pkg[c][0])
         t_ours = bench(lambda: prlib.prefill(q, k, v, lg, out, SCALE, None, (nS, ns)), rep=100)
+        t_simt = bench(lambda: prlib.prefill(q, k, v, lg, out, SCALE, None, (nS, ns), simt=True), rep=20)
+        assert prlib.prefill(q, k, v, lg, out, SCALE, None, (nS, ns)) == 0  # leave the tensor-core output for err
         qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
             t_sdpa = bench(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True), rep=100)
         flops = 2 * S * D * DV * (H + H) + 2 * H * S * 64 * (DK + DV)  # state terms + in-chunk (c = 64)
-        rows.append((S, t_ours, pkg[c_best][0], c_best, t_sdpa, pkg[c_best][1], flops))
+        rows.append((S, t_ours, pkg[c_best][0], c_best, t_sdpa, pkg[c_best][1], flops, t_simt))
         del q, k, v, lg, out
         torch.cuda.empty_cache()
     print("\nPREFILL  bf16 B=1 H=16 D=64 deg=2 gated (ours: with present_state; package: best chunk of 128/1024)")
-    print(f"{'shape':<18}{'ours ms':>9}{'pkg ms':>9}{'(chunk)':>8}{'sdpa ms':>9}{'pkg/ours':>9}{'sdpa/ours':>10}"
+    print(f"{'shape':<18}{'ours ms':>9}{'simt ms':>9}{'pkg ms':>9}{'(chunk)':>8}{'sdpa ms':>9}{'pkg/ours':>9}{'sdpa/ours':>10}"
           f"{'bar ms':>8}{'TF/s':>7}{'%989':>6}{'%798':>6}{'err vs pkg':>11}")
     bars = {2048: 0.25, 8192: 0.45, 32768: 1.5, 131072: 5.5}
-    for S, to, tp, c, ts, err, fl in rows:
+    for S, to, tp, c, ts, err, fl, tsimt in rows:
         tf = fl / (to * 1e-3) / 1e12
-        print(f"{f'B1_T{S}_H16_D64':<18}{to:>9.3f}{tp:>9.3f}{c:>8}{ts:>9.3f}{tp / to:>9.2f}{ts / to:>10.2f}"
+        print(f"{f'B1_T{S}_H16_D64':<18}{to:>9.3f}{tsimt:>9.3f}{tp:>9.3f}{c:>8}{ts:>9.3f}{tp / to:>9.2f}{ts / to:>10.2f}"
               f"{bars[S]:>8.2f}{tf:>7.1f}{100 * tf * 1e12 / TC_NOMINAL:>6.1f}{100 * tf * 1e12 / TC_MEASURED:>6.1f}{err:>11.1e}")
 
 

@@ -34,6 +34,8 @@ class PrDecodeParams(ctypes.Structure):
 lib = ctypes.CDLL(LIB_PATH)
 lib.pr_prefill.argtypes = [ctypes.POINTER(PrPrefillParams), c_ptr]
 lib.pr_prefill.restype = ctypes.c_int
+lib.pr_prefill_simt.argtypes = [ctypes.POINTER(PrPrefillParams), c_ptr]
+lib.pr_prefill_simt.restype = ctypes.c_int
 lib.pr_decode.argtypes = [ctypes.POINTER(PrDecodeParams), c_ptr]
 lib.pr_decode.restype = ctypes.c_int
 lib.pr_abi_layout.argtypes = [ctypes.POINTER(c_u64), c_i32]
@@ -66,9 +68,10 @@ def prefill_params(q, k, v, lg, out, scale, past=None, present=None):
                            _p(pS), _p(ps), _p(out), _p(nS), _p(ns), None, 0)
 
 
-def prefill(q, k, v, lg, out, scale, past=None, present=None):
+def prefill(q, k, v, lg, out, scale, past=None, present=None, simt=False):
+    """pr_prefill (the tensor-core kernel where it applies), or pr_prefill_simt with simt=True."""
     prm = prefill_params(q, k, v, lg, out, scale, past, present)
-    return lib.pr_prefill(ctypes.byref(prm), stream_handle())
+    return (lib.pr_prefill_simt if simt else lib.pr_prefill)(ctypes.byref(prm), stream_handle())
 
 
 def decode_params(q, k, v, lg, out, scale, state, ssum, kc, vc, lgc, clen):

@@ -104,7 +104,8 @@ def cumsum_or_zero(lg, shape):
     return torch.zeros(shape, device=dev, dtype=torch.float64) if lg is None else lg.double().cumsum(0)
 
 
-def check_prefill(B, S, Hq, Hkv, Dk, Dv, dtype, gated, past, gen):
+def check_prefill(B, S, Hq, Hkv, Dk, Dv, dtype, gated, past, gen, simt=False):
+    """simt=True forces the SIMT kernel (bf16 with Dk 32/64 otherwise runs on tensor cores)."""
     q, k, v, lg = rand_inputs(B, S, Hq, Hkv, Dk, Dv, dtype, gated, gen)
     scale = 1.0 / math.sqrt(Dk)
     D = Dk * (Dk + 1) // 2
@@ -112,7 +113,7 @@ def check_prefill(B, S, Hq, Hkv, Dk, Dv, dtype, gated, past, gen):
     out = torch.full((B, S, Hq, Dv), float("nan"), device=dev, dtype=dtype)
     nS = torch.full((B, Hkv, D, Dv), float("nan"), device=dev)
     ns = torch.full((B, Hkv, D), float("nan"), device=dev)
-    rc = prlib.prefill(q, k, v, lg, out, scale, (S0, s0) if past else None, (nS, ns))
+    rc = prlib.prefill(q, k, v, lg, out, scale, (S0, s0) if past else None, (nS, ns), simt=simt)
     torch.cuda.synchronize()
     assert rc == 0, rc
     eo = es = 0.0
@@ -128,8 +129,9 @@ def check_prefill(B, S, Hq, Hkv, Dk, Dv, dtype, gated, past, gen):
         else:
             RS, Rs = torch.zeros_like(nS[b]).double(), torch.zeros_like(ns[b]).double()
         es = max(es, rel(nS[b], RS), rel(ns[b], Rs))
-    record("prefill out", dtype, eo)
-    record("prefill state", dtype, es, tol=1e-4 if dtype == torch.float32 else TOL[dtype])
+    tag = " (simt)" if simt else ""
+    record("prefill out" + tag, dtype, eo)
+    record("prefill state" + tag, dtype, es, tol=1e-4 if dtype == torch.float32 else TOL[dtype])
 
 
 def check_decode(B, Snew, Hq, Hkv, Dk, Dv, C, dtype, gated, lengths, gen):
@@ -222,12 +224,14 @@ def main(small):
     else:
         shapes = [(1, 1, 1, 1, 32, 32), (2, 7, 4, 4, 64, 64), (1, 63, 8, 2, 64, 64), (1, 65, 4, 4, 32, 32),
                   (2, 200, 8, 2, 64, 64), (1, 1000, 4, 4, 64, 64), (1, 130, 2, 1, 128, 128), (1, 77, 4, 2, 32, 64),
-                  (1, 0, 2, 2, 32, 32)]
+                  (1, 0, 2, 2, 32, 32), (1, 4100, 2, 2, 64, 64), (3, 129, 16, 2, 64, 8)]
         flags = [(g, pst) for g in (False, True) for pst in (False, True)]
     for dtype in dtypes:
         for (B, S, Hq, Hkv, Dk, Dv) in shapes:
             for gated, past in flags:
                 check_prefill(B, S, Hq, Hkv, Dk, Dv, dtype, gated, past, gen)
+                if dtype == torch.bfloat16 and Dk <= 64:  # the tensor-core kernel ran: check the other too
+                    check_prefill(B, S, Hq, Hkv, Dk, Dv, dtype, gated, past, gen, simt=True)
     caps = [16] if small else [1, 16, 64]
     for dtype in dtypes:
         for C in caps:
