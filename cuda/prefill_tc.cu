@@ -48,7 +48,7 @@ namespace tc {
 namespace {
 
 using bf16 = __nv_bfloat16;
-constexpr int kThreads = 256, kWarps = 8, kC = 64, kCols = 8;
+constexpr int kThreads = 512, kWarps = 16, kC = 64, kCols = 8;
 
 struct Shape {
   int64_t B, S;
@@ -58,22 +58,28 @@ struct Shape {
 template <int DK>
 struct Cfg {
   static constexpr int D = DK * (DK + 1) / 2;
-  static constexpr int NA = DK / 8;  // a values per warp: a = warp + 8 ga
-  static constexpr int MT = DK / 16;  // 16-row tiles over b, and k16 steps over Dk
-  static constexpr int KP = DK + 8;  // row pitch (bf16) of queries and keys: conflict-free ldmatrix
-  // sum over x < ga of (MT - x/2), closed form so that it folds to a constant after unrolling
-  __host__ __device__ static constexpr int tiles_before(int ga) { return ga * MT - (ga / 2) * ((ga - 1) / 2); }
+  static constexpr int NA = DK / kWarps;  // a values per warp: a = warp + 16 ga, in b-tile group ga
+  static constexpr int MT = DK / 16;      // 16-row tiles over b, and k16 steps over Dk
+  static constexpr int KP = DK + 8;       // row pitch (bf16) of queries and keys: conflict-free ldmatrix
+  static constexpr int TP = kC + 8;       // row pitch (bf16) of the transposed keys
+  // tiles of a values ga' < ga: sum of (MT - ga'), closed form so that it folds after unrolling
+  __host__ __device__ static constexpr int tiles_before(int ga) { return ga * MT - ga * (ga - 1) / 2; }
   static constexpr int NTILES = tiles_before(NA);
-  static constexpr int oK = 0;                             // bf16 [2][kC][KP] keys
-  static constexpr int oQ = oK + 2 * kC * KP * 2;          // bf16 [2][kC][KP] queries of one head
-  static constexpr int oV = oQ + 2 * kC * KP * 2;          // bf16 [2][kC][8] the block's value columns
-  static constexpr int oG = oV + 2 * kC * kCols * 2;       // f32 [2][kC] log gates
-  static constexpr int oGd = oG + 2 * kC * 4;              // f64 [kC] inclusive cumulative gates
-  static constexpr int oPart = oGd + kC * 8;               // f32 [8][kC][8] state-part numerators per warp
-  static constexpr int oDPart = oPart + kWarps * kC * kCols * 4;  // f32 [8][kC] state-part denominators
-  static constexpr int oAPart = oDPart + kWarps * kC * 4;  // f32 [2][kC][8] attention numerators (key halves)
-  static constexpr int oADPart = oAPart + 2 * kC * kCols * 4;  // f32 [2][kC]
-  static constexpr int oBq = oADPart + 2 * kC * 4;         // uint2 [8][NTILES][32] state tiles as B fragments
+  // M (Dk x Dk, f32) in 16x8 tiles x = m + MT cgp (rows 16m.., columns 8cgp..): warp w owns x = w and
+  // w + 16 where they exist; both have m = w % MT.
+  static constexpr int MTILES = MT * (DK / 8);
+  static constexpr int NM = MTILES > kWarps ? 2 : 1;
+  static constexpr int oK = 0;                                    // bf16 [2][kC][KP] keys
+  static constexpr int oQ = oK + 2 * kC * KP * 2;                 // bf16 [2][kC][KP] queries of one head
+  static constexpr int oV = oQ + 2 * kC * KP * 2;                 // bf16 [2][kC][8] the block's value columns
+  static constexpr int oG = oV + 2 * kC * kCols * 2;              // f32 [2][kC] log gates
+  static constexpr int oGd = oG + 2 * kC * 4;                     // f64 [kC] inclusive cumulative gates
+  static constexpr int oKT = oGd + kC * 8;                        // bf16 [DK][TP] keys, transposed
+  static constexpr int oPart = oKT + DK * TP * 2;                 // f32 [16][kC][8] state-part numerators
+  static constexpr int oDPart = oPart + kWarps * kC * kCols * 4;  // f32 [16][kC] state-part denominators
+  static constexpr int oAPart = oDPart + kWarps * kC * 4;         // f32 [4][kC][8] attention numerators
+  static constexpr int oADPart = oAPart + 4 * kC * kCols * 4;     // f32 [4][kC]
+  static constexpr int oBq = oADPart + 4 * kC * 4;                // uint2 [16][NTILES][32] state B fragments
   static constexpr int bytes = oBq + kWarps * NTILES * 32 * 8;
 };
 
@@ -89,13 +95,14 @@ __device__ __forceinline__ float bf(bf16 x) { return __bfloat162float(x); }
 template <int DK>
 __global__ void __launch_bounds__(kThreads, 1) prefill_tc_kernel(const PrPrefillParams p, const Shape sh) {
   using C = Cfg<DK>;
-  constexpr int NA = C::NA, MT = C::MT, KP = C::KP, NTILES = C::NTILES, D = C::D;
+  constexpr int NA = C::NA, MT = C::MT, KP = C::KP, TP = C::TP, NTILES = C::NTILES, D = C::D, NM = C::NM;
   extern __shared__ __align__(16) unsigned char smem[];
   bf16* Ks = reinterpret_cast<bf16*>(smem + C::oK);
   bf16* Qs = reinterpret_cast<bf16*>(smem + C::oQ);
   bf16* Vs = reinterpret_cast<bf16*>(smem + C::oV);
   float* Gs = reinterpret_cast<float*>(smem + C::oG);
   double* Gd = reinterpret_cast<double*>(smem + C::oGd);
+  bf16* KT = reinterpret_cast<bf16*>(smem + C::oKT);
   float* part = reinterpret_cast<float*>(smem + C::oPart);
   float* dpart = reinterpret_cast<float*>(smem + C::oDPart);
   float* apart = reinterpret_cast<float*>(smem + C::oAPart);
@@ -105,7 +112,7 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_tc_kernel(const PrPrefill
   const int cg = blockIdx.x, n0 = cg * kCols, hk = blockIdx.y, bb = blockIdx.z;
   // Each lane keeps the bf16 B fragments of its own state tiles here (written and read by the same
   // thread, so no barrier): registers cannot hold them next to the f32 tiles.
-  uint2* bqs = reinterpret_cast<uint2*>(smem + C::oBq) + warp * NTILES * 32 + (tid & 31);
+  uint2* bqs = reinterpret_cast<uint2*>(smem + C::oBq) + warp * NTILES * 32 + lane;
   const int64_t bh = static_cast<int64_t>(bb) * sh.Hkv + hk;
   const int64_t S = sh.S;
   const int r = sh.r;
@@ -118,8 +125,11 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_tc_kernel(const PrPrefill
   const int arow = (lane & 7) + ((lane >> 3) & 1) * 8, acol = (lane >> 4) * 8;
   const int krow = (lane & 7) + (lane >> 4) * 8, kcol = ((lane >> 3) & 1) * 8;
 
-  float st[NTILES][4];  // st[tile(ga, m)]: S[(a, 16m + g (+8)), n0 + 2t (+1)]
-  float ms[MT][4];      // M[16m + g (+8)][a = warp + 8 (2t (+1))]
+  float st[NTILES][4];  // st[tile(ga, m)]: S[(a, 16m + g (+8)), n0 + 2t (+1)], a = warp + 16 ga, m >= ga
+  float ms[2][4];       // M tile x = warp + 16 u: M[16 mw + g (+8)][8 (x / MT) + 2t (+1)]
+  const int mw = warp % MT;
+  auto m_tile_ok = [&](int u) { return warp + kWarps * u < C::MTILES; };
+  auto m_col = [&](int u) { return 8 * ((warp + kWarps * u) / MT); };
   auto keep_b = [&](int ti) {
     uint2 b;
     mma::c_to_b(st[ti], b.x, b.y);
@@ -127,11 +137,11 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_tc_kernel(const PrPrefill
   };
 #pragma unroll
   for (int ga = 0; ga < NA; ++ga) {
-    const int a = warp + 8 * ga;
+    const int a = warp + 16 * ga;
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
-      if (m < ga / 2) continue;  // constant trip counts: every index into st stays static
-      const int ti = C::tiles_before(ga) + m - ga / 2;
+      if (m < ga) continue;  // constant trip counts: every index into st stays static
+      const int ti = C::tiles_before(ga) + m - ga;
 #pragma unroll
       for (int h8 = 0; h8 < 2; ++h8) {
         const int b = 16 * m + g + 8 * h8;
@@ -145,14 +155,14 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_tc_kernel(const PrPrefill
     }
   }
 #pragma unroll
-  for (int m = 0; m < MT; ++m)
+  for (int u = 0; u < 2; ++u)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int b = 16 * m + g + 8 * (e >> 1), a = warp + 8 * (2 * t + (e & 1));
+      const int b = 16 * mw + g + 8 * (e >> 1), a = m_col(u) + 2 * t + (e & 1);
       float v = 0.f;
-      if (p.past_sum_of_keys != nullptr && a < DK)
+      if (p.past_sum_of_keys != nullptr && u < NM && m_tile_ok(u))
         v = p.past_sum_of_keys[bh * D + (a <= b ? crow<DK>(a, b) : crow<DK>(b, a))] * (a == b ? 1.f : 0.5f);
-      ms[m][e] = v;
+      ms[u][e] = v;
     }
 
   const int nchunks = static_cast<int>((S + kC - 1) / kC);
@@ -211,7 +221,8 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_tc_kernel(const PrPrefill
     const bf16* Vc = Vs + buf * kC * kCols;
     const float* Gr = Gs + buf * kC;
 
-    // Cumulative gates of the chunk, in f64 (long strongly gated chunks lose |G| 2^-24 in f32).
+    // Cumulative gates of the chunk, in f64 (long strongly gated chunks lose |G| 2^-24 in f32);
+    // keys transposed (one 16x16 block per warp, ldmatrix.trans then 32-bit stores).
     if (warp == 0) {
       const double x0 = Gr[2 * lane], x1 = Gr[2 * lane + 1];
       double v = x0 + x1;
@@ -223,14 +234,21 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_tc_kernel(const PrPrefill
       Gd[2 * lane] = v - x1;
       Gd[2 * lane + 1] = v;
     }
+    for (int blk = warp; blk < (kC / 16) * MT; blk += kWarps) {
+      const int j0 = 16 * (blk / MT), d0 = 16 * (blk % MT);
+      uint32_t x[4];
+      mma::ldsm_x4_t(x, Kc + (j0 + krow) * KP + d0 + kcol);
+#pragma unroll
+      for (int mi = 0; mi < 4; ++mi)
+        *reinterpret_cast<uint32_t*>(KT + (d0 + (mi & 1) * 8 + g) * TP + j0 + (mi >> 1) * 8 + 2 * t) = x[mi];
+    }
     __syncthreads();
     const double g_end = Gd[kC - 1];  // gates of padding tokens are 0
     const float decay = expf(static_cast<float>(g_end));
 
-    // The state S_{n-1} as B operands, shared by every query head of the group.
-    uint32_t bm[MT][2];
+    uint32_t bm[2][2];  // M_{n-1} as B operands
 #pragma unroll
-    for (int m = 0; m < MT; ++m) mma::c_to_b(ms[m], bm[m][0], bm[m][1]);
+    for (int u = 0; u < 2; ++u) mma::c_to_b(ms[u], bm[u][0], bm[u][1]);
 
     for (int h = 0; h < r; ++h) {
       const int pi = n * r + h, qb = pi & 1;
@@ -248,7 +266,7 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_tc_kernel(const PrPrefill
       // State part: this warp's a values, every query row of the chunk.
 #pragma unroll
       for (int it = 0; it < kC / 16; ++it) {
-        float P[NA][4], qm[4] = {0.f, 0.f, 0.f, 0.f};
+        float P[NA][4], qm[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
         for (int ga = 0; ga < NA; ++ga) P[ga][0] = P[ga][1] = P[ga][2] = P[ga][3] = 0.f;
 #pragma unroll
@@ -257,33 +275,37 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_tc_kernel(const PrPrefill
           mma::ldsm_x4(A, Qc + (16 * it + arow) * KP + 16 * m + acol);
 #pragma unroll
           for (int ga = 0; ga < NA; ++ga) {
-            if (ga / 2 <= m) {
-              const uint2 bq = bqs[(C::tiles_before(ga) + m - ga / 2) * 32];
+            if (ga <= m) {
+              const uint2 bq = bqs[(C::tiles_before(ga) + m - ga) * 32];
               mma::mma_bf16(P[ga], A, bq.x, bq.y);
             }
           }
-          mma::mma_bf16(qm, A, bm[m][0], bm[m][1]);
+          if (m == mw) {  // this warp's part of q^T M q: b in tile mw, a in its M columns
+#pragma unroll
+            for (int u = 0; u < NM; ++u)
+              if (m_tile_ok(u)) mma::mma_bf16(qm[u], A, bm[u][0], bm[u][1]);
+          }
         }
         const int i0 = 16 * it + g, i1 = i0 + 8;
         float num[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
         for (int ga = 0; ga < NA; ++ga) {
-          const int a = warp + 8 * ga;
+          const int a = warp + 16 * ga;
           const float q0 = bf(Qc[i0 * KP + a]), q1 = bf(Qc[i1 * KP + a]);
           num[0] += q0 * P[ga][0];
           num[1] += q0 * P[ga][1];
           num[2] += q1 * P[ga][2];
           num[3] += q1 * P[ga][3];
         }
-        const int a0 = warp + 16 * t, a1 = a0 + 8;
         float d0 = 0.f, d1 = 0.f;
-        if (a0 < DK) {
-          d0 += bf(Qc[i0 * KP + a0]) * qm[0];
-          d1 += bf(Qc[i1 * KP + a0]) * qm[2];
-        }
-        if (a1 < DK) {
-          d0 += bf(Qc[i0 * KP + a1]) * qm[1];
-          d1 += bf(Qc[i1 * KP + a1]) * qm[3];
+#pragma unroll
+        for (int u = 0; u < NM; ++u) {
+          if (!m_tile_ok(u)) continue;
+          const int a = m_col(u) + 2 * t;
+          const float2 x0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(Qc + i0 * KP + a));
+          const float2 x1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(Qc + i1 * KP + a));
+          d0 += x0.x * qm[u][0] + x0.y * qm[u][1];
+          d1 += x1.x * qm[u][2] + x1.y * qm[u][3];
         }
         d0 += __shfl_xor_sync(0xffffffffu, d0, 1);
         d0 += __shfl_xor_sync(0xffffffffu, d0, 2);
@@ -297,33 +319,26 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_tc_kernel(const PrPrefill
           dpart[warp * kC + i1] = d1;
         }
       }
-
 #endif
 #if !(PR_TC_SKIP & 2)
-      // Attention inside the chunk: warp w takes query tile w/2 against keys [32 (w%2), +32).
+      // Attention inside the chunk: warp w takes query tile w/4 against keys [16 (w%4), +16).
       {
-        const int ita = warp >> 1, jh = warp & 1, j0 = 32 * jh;
+        const int ita = warp >> 2, jq = warp & 3, j0 = 16 * jq;
         const int i0 = 16 * ita + g, i1 = i0 + 8;
         float an[4] = {0.f, 0.f, 0.f, 0.f}, ad0 = 0.f, ad1 = 0.f;
-        if (j0 <= 16 * ita + 15) {
-          float s[4][4];
-#pragma unroll
-          for (int nt = 0; nt < 4; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+        if (jq <= ita) {
+          float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
           for (int m = 0; m < MT; ++m) {
-            uint32_t A[4];
+            uint32_t A[4], Bk[4];
             mma::ldsm_x4(A, Qc + (16 * ita + arow) * KP + 16 * m + acol);
-#pragma unroll
-            for (int np = 0; np < 2; ++np) {
-              uint32_t Bk[4];
-              mma::ldsm_x4(Bk, Kc + (j0 + 16 * np + krow) * KP + 16 * m + kcol);
-              mma::mma_bf16(s[2 * np], A, Bk[0], Bk[1]);
-              mma::mma_bf16(s[2 * np + 1], A, Bk[2], Bk[3]);
-            }
+            mma::ldsm_x4(Bk, Kc + (j0 + krow) * KP + 16 * m + kcol);
+            mma::mma_bf16(s[0], A, Bk[0], Bk[1]);
+            mma::mma_bf16(s[1], A, Bk[2], Bk[3]);
           }
           const double gi0 = Gd[i0], gi1 = Gd[i1];
 #pragma unroll
-          for (int nt = 0; nt < 4; ++nt)
+          for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
               const int i = e < 2 ? i0 : i1;
@@ -332,31 +347,24 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_tc_kernel(const PrPrefill
               if (j <= i) w = attn_weight(s[nt][e], p.scale, static_cast<float>((e < 2 ? gi0 : gi1) - Gd[j]));
               s[nt][e] = w;
             }
-#pragma unroll
-          for (int nt = 0; nt < 4; ++nt) {
-            ad0 += s[nt][0] + s[nt][1];
-            ad1 += s[nt][2] + s[nt][3];
-          }
+          ad0 = s[0][0] + s[0][1] + s[1][0] + s[1][1];
+          ad1 = s[0][2] + s[0][3] + s[1][2] + s[1][3];
           ad0 += __shfl_xor_sync(0xffffffffu, ad0, 1);
           ad0 += __shfl_xor_sync(0xffffffffu, ad0, 2);
           ad1 += __shfl_xor_sync(0xffffffffu, ad1, 1);
           ad1 += __shfl_xor_sync(0xffffffffu, ad1, 2);
-          uint32_t vb[4];
-          mma::ldsm_x4_t(vb, Vc + (j0 + lane) * kCols);
-#pragma unroll
-          for (int kk = 0; kk < 2; ++kk) {
-            const uint32_t Aw[4] = {mma::pack_bf16(s[2 * kk][0], s[2 * kk][1]), mma::pack_bf16(s[2 * kk][2], s[2 * kk][3]),
-                                    mma::pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                    mma::pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-            mma::mma_bf16(an, Aw, vb[2 * kk], vb[2 * kk + 1]);
-          }
+          uint32_t vb[2];
+          mma::ldsm_x2_t(vb, Vc + (j0 + (lane & 15)) * kCols);
+          const uint32_t Aw[4] = {mma::pack_bf16(s[0][0], s[0][1]), mma::pack_bf16(s[0][2], s[0][3]),
+                                  mma::pack_bf16(s[1][0], s[1][1]), mma::pack_bf16(s[1][2], s[1][3])};
+          mma::mma_bf16(an, Aw, vb[0], vb[1]);
         }
-        float* aw = apart + jh * kC * kCols;
+        float* aw = apart + jq * kC * kCols;
         *reinterpret_cast<float2*>(aw + i0 * kCols + 2 * t) = make_float2(an[0], an[1]);
         *reinterpret_cast<float2*>(aw + i1 * kCols + 2 * t) = make_float2(an[2], an[3]);
         if (t == 0) {
-          adpart[jh * kC + i0] = ad0;
-          adpart[jh * kC + i1] = ad1;
+          adpart[jq * kC + i0] = ad0;
+          adpart[jq * kC + i1] = ad1;
         }
       }
 #endif
@@ -364,9 +372,9 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_tc_kernel(const PrPrefill
 
 #if !(PR_TC_SKIP & 8)
       // Outputs: y = (attention + f_i state part) / (its row sums + f_i q^T M q), f_i = scale^2 e^{G_i}.
-      {
+      if (tid < kC * kCols / 2) {
         const int i = tid >> 2, c = 2 * (tid & 3);
-        float nx = 0.f, ny = 0.f, dd = 0.f;
+        float nx = 0.f, ny = 0.f, dd = 0.f, ax = 0.f, ay = 0.f, ad = 0.f;
 #pragma unroll
         for (int w = 0; w < kWarps; ++w) {
           const float2 v = *reinterpret_cast<const float2*>(part + (w * kC + i) * kCols + c);
@@ -374,82 +382,92 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_tc_kernel(const PrPrefill
           ny += v.y;
           dd += dpart[w * kC + i];
         }
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const float2 v = *reinterpret_cast<const float2*>(apart + (q * kC + i) * kCols + c);
+          ax += v.x;
+          ay += v.y;
+          ad += adpart[q * kC + i];
+        }
         const float f = sc2 * expf(static_cast<float>(Gd[i]));
-        const float2 a0v = *reinterpret_cast<const float2*>(apart + i * kCols + c);
-        const float2 a1v = *reinterpret_cast<const float2*>(apart + (kC + i) * kCols + c);
-        const float den = adpart[i] + adpart[kC + i] + f * dd;
+        const float den = ad + f * dd;
         if (t0 + i < S) {
-          const __nv_bfloat162 y = __floats2bfloat162_rn((a0v.x + a1v.x + f * nx) / den, (a0v.y + a1v.y + f * ny) / den);
+          const __nv_bfloat162 y = __floats2bfloat162_rn((ax + f * nx) / den, (ay + f * ny) / den);
           *reinterpret_cast<__nv_bfloat162*>(out + ((bb * S + t0 + i) * sh.Hq + hk * r + h) * sh.Dv + n0 + c) = y;
         }
       }
 #endif
-      __syncthreads();
+      if (h + 1 < r) __syncthreads();  // partial sums are rewritten by the next head
     }
 
 #if !(PR_TC_SKIP & 4)
-    // State update with this chunk's keys and values.
+    // State update with this chunk's keys and values. This thread's B-fragment tokens are
+    // j = 16 s + 2t + {0, 1} and + 8; gm_j = exp(G_end - G_j).
     {
-      // This thread's B-fragment tokens are j = 16 s + 2t + {0, 1, 8, 9}; gm = exp(G_end - G_j).
-      auto tok = [&](int s, int e) { return 16 * s + 2 * t + (e & 1) + 8 * (e >> 1); };
-      auto gm = [&](int j) { return expf(static_cast<float>(g_end - Gd[j])); };
-      auto kv = [&](int j, int a) { return bf(Kc[j * KP + a]); };
-      uint32_t bmu[4][2];  // gamma_j k_{j, a}, a = warp + 8 g: the B operand of M's update
+      uint32_t vgp[4][2], gmp[4][2];  // (gm_j v_j[n0 + g]) pairs and gm_j pairs, bf16
+#pragma unroll
+      for (int s = 0; s < 4; ++s)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int j = 16 * s + 2 * t + 8 * e;
+          const float gm0 = expf(static_cast<float>(g_end - Gd[j])), gm1 = expf(static_cast<float>(g_end - Gd[j + 1]));
+          vgp[s][e] = mma::pack_bf16(gm0 * bf(Vc[j * kCols + g]), gm1 * bf(Vc[(j + 1) * kCols + g]));
+          gmp[s][e] = mma::pack_bf16(gm0, gm1);
+        }
+      // M += K^T diag(gm) K on this warp's tiles: rows b in tile mw, columns a = m_col(u) + g.
       {
-        const int a = warp + 8 * g;
+        float tm[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
         for (int s = 0; s < 4; ++s) {
-          bmu[s][0] = bmu[s][1] = 0u;
-          if (a < DK) {
-            bmu[s][0] = mma::pack_bf16(kv(tok(s, 0), a) * gm(tok(s, 0)), kv(tok(s, 1), a) * gm(tok(s, 1)));
-            bmu[s][1] = mma::pack_bf16(kv(tok(s, 2), a) * gm(tok(s, 2)), kv(tok(s, 3), a) * gm(tok(s, 3)));
+          uint32_t A[4];
+          mma::ldsm_x4_t(A, Kc + (16 * s + krow) * KP + 16 * mw + kcol);
+#pragma unroll
+          for (int u = 0; u < NM; ++u) {
+            if (!m_tile_ok(u)) continue;
+            const bf16* kr = KT + (m_col(u) + g) * TP + 16 * s + 2 * t;
+            mma::mma_bf16(tm[u], A, mma::mul_bf16x2(*reinterpret_cast<const uint32_t*>(kr), gmp[s][0]),
+                          mma::mul_bf16x2(*reinterpret_cast<const uint32_t*>(kr + 8), gmp[s][1]));
           }
         }
+#pragma unroll
+        for (int u = 0; u < NM; ++u)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) ms[u][e] = decay * ms[u][e] + tm[u][e];
       }
+      constexpr int HALVES = (NA + 1) / 2;
 #pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        if (4 * hf >= NA) continue;
-        uint32_t bu[4][4][2];  // k_ja gamma_j v_j[n0 + g] for a = warp + 8 (4 hf + gl)
+      for (int hf = 0; hf < HALVES; ++hf) {
+        uint32_t bu[2][4][2];  // k_ja gm_j v_j[n0 + g] for a = warp + 16 (2 hf + gl)
 #pragma unroll
-        for (int s = 0; s < 4; ++s) {
-          float vg[4];
+        for (int gl = 0; gl < 2; ++gl) {
+          const int a = warp + 16 * (2 * hf + gl);
 #pragma unroll
-          for (int e = 0; e < 4; ++e) vg[e] = gm(tok(s, e)) * bf(Vc[tok(s, e) * kCols + g]);
+          for (int s = 0; s < 4; ++s)
 #pragma unroll
-          for (int gl = 0; gl < 4; ++gl) {
-            const int a = warp + 8 * (4 * hf + gl);
-            bu[gl][s][0] = mma::pack_bf16(kv(tok(s, 0), a) * vg[0], kv(tok(s, 1), a) * vg[1]);
-            bu[gl][s][1] = mma::pack_bf16(kv(tok(s, 2), a) * vg[2], kv(tok(s, 3), a) * vg[3]);
-          }
+            for (int e = 0; e < 2; ++e)
+              bu[gl][s][e] = a < DK ? mma::mul_bf16x2(*reinterpret_cast<const uint32_t*>(KT + a * TP + 16 * s + 2 * t + 8 * e), vgp[s][e]) : 0u;
         }
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
           if (m < 2 * hf) continue;
-          // Token steps outermost: the (up to) five accumulations below are independent chains.
-          float tm[4] = {0.f, 0.f, 0.f, 0.f}, tp[4][4];
-#pragma unroll
-          for (int gl = 0; gl < 4; ++gl) tp[gl][0] = tp[gl][1] = tp[gl][2] = tp[gl][3] = 0.f;
+          // Token steps outermost: the two accumulations below are independent chains.
+          float tp[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
           for (int s = 0; s < 4; ++s) {
             uint32_t A[4];  // K^T[b tile m][token step s]
             mma::ldsm_x4_t(A, Kc + (16 * s + krow) * KP + 16 * m + kcol);
-            if (hf == 0) mma::mma_bf16(tm, A, bmu[s][0], bmu[s][1]);
 #pragma unroll
-            for (int gl = 0; gl < 4; ++gl) {
-              const int ga = 4 * hf + gl;
-              if (ga < NA && ga / 2 <= m) mma::mma_bf16(tp[gl], A, bu[gl][s][0], bu[gl][s][1]);
+            for (int gl = 0; gl < 2; ++gl) {
+              const int ga = 2 * hf + gl;
+              if (ga < NA && ga <= m) mma::mma_bf16(tp[gl], A, bu[gl][s][0], bu[gl][s][1]);
             }
           }
-          if (hf == 0) {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) ms[m][e] = decay * ms[m][e] + tm[e];
-          }
-#pragma unroll
-          for (int gl = 0; gl < 4; ++gl) {
-            const int ga = 4 * hf + gl;
-            if (ga < NA && ga / 2 <= m) {
-              const int ti = C::tiles_before(ga) + m - ga / 2;
-              const int a = warp + 8 * ga, b0 = 16 * m + g;
+          for (int gl = 0; gl < 2; ++gl) {
+            const int ga = 2 * hf + gl;
+            if (ga < NA && ga <= m) {
+              const int ti = C::tiles_before(ga) + m - ga;
+              const int a = warp + 16 * ga, b0 = 16 * m + g;
               const float w0 = key_weight(a, b0), w1 = key_weight(a, b0 + 8);
               st[ti][0] = decay * st[ti][0] + w0 * tp[gl][0];
               st[ti][1] = decay * st[ti][1] + w0 * tp[gl][1];
@@ -467,11 +485,11 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_tc_kernel(const PrPrefill
   if (p.present_state != nullptr) {
 #pragma unroll
     for (int ga = 0; ga < NA; ++ga) {
-      const int a = warp + 8 * ga;
+      const int a = warp + 16 * ga;
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
-        if (m < ga / 2) continue;
-        const int ti = C::tiles_before(ga) + m - ga / 2;
+        if (m < ga) continue;
+        const int ti = C::tiles_before(ga) + m - ga;
 #pragma unroll
         for (int h8 = 0; h8 < 2; ++h8) {
           const int b = 16 * m + g + 8 * h8;
@@ -484,11 +502,11 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_tc_kernel(const PrPrefill
   }
   if (p.present_sum_of_keys != nullptr && cg == static_cast<int>(gridDim.x) - 1) {
 #pragma unroll
-    for (int m = 0; m < MT; ++m)
+    for (int u = 0; u < NM; ++u)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int b = 16 * m + g + 8 * (e >> 1), a = warp + 8 * (2 * t + (e & 1));
-        if (a < DK && b >= a) p.present_sum_of_keys[bh * D + crow<DK>(a, b)] = (a == b ? 1.f : 2.f) * ms[m][e];
+        const int b = 16 * mw + g + 8 * (e >> 1), a = m_col(u) + 2 * t + (e & 1);
+        if (m_tile_ok(u) && b >= a) p.present_sum_of_keys[bh * D + crow<DK>(a, b)] = (a == b ? 1.f : 2.f) * ms[u][e];
       }
   }
 }
