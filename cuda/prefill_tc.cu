@@ -93,7 +93,7 @@ __device__ __forceinline__ float key_weight(int a, int b) { return b > a ? 2.f :
 __device__ __forceinline__ float bf(bf16 x) { return __bfloat162float(x); }
 
 template <int DK>
-__global__ void __launch_bounds__(kThreads, 1) prefill_tc_kernel(const PrPrefillParams p, const Shape sh) {
+__global__ void __launch_bounds__(kThreads, 1) retention_prefill_tc_kernel(const PrPrefillParams p, const Shape sh) {
   using C = Cfg<DK>;
   constexpr int NA = C::NA, MT = C::MT, KP = C::KP, TP = C::TP, NTILES = C::NTILES, D = C::D, NM = C::NM;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -513,7 +513,7 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_tc_kernel(const PrPrefill
 
 template <int DK>
 cudaError_t launch(const PrPrefillParams& p, cudaStream_t stream) {
-  auto kernel = prefill_tc_kernel<DK>;
+  auto kernel = retention_prefill_tc_kernel<DK>;
   const cudaError_t e =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Cfg<DK>::bytes));
   if (e != cudaSuccess) return e;

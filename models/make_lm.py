@@ -4,13 +4,19 @@ torch), in two forms with identical weights:
 - power retention: prefill.onnx (PowerRetention) + decode.onnx (PowerRetentionStep, every state
   tensor an input and an output) + retention.json, what the harness drives;
 - stock attention: stock.onnx, causal softmax attention with a KV cache (past_key_values.i.key /
-  .value in, present.i.key / .value out), the baseline the harness times against.
+  .value in, present.i.key / .value out), the baseline the harness times against;
+- with --stock-fused, also stock_fused.onnx: the same model and interface with ONNX Runtime's fused
+  attention op, what onnxruntime.transformers.optimizer produces where it fuses (it does not match
+  this hand-built graph): com.microsoft.MultiHeadAttention (query/key/value (B, S, H·D), past/present
+  (B, H, S, D), unidirectional; flash attention on the CUDA EP in float16), or
+  com.microsoft.GroupQueryAttention where query heads are grouped (seqlens_k and
+  total_sequence_length computed in the graph from the shapes).
 
 Per layer (no norms, for brevity): x += Wo·Attn(Wq x, Wk x, Wv x [, log_gate = logsigmoid(Wg x + 3)]);
 x += W2·relu(W1 x); logits = Wout·x with x = tok_emb[input_ids] + pos_emb[position_ids].
 
-    python models/make_lm.py models/tiny_retention                  # the bundled tiny model (GQA 4/2, gated)
-    python models/make_lm.py OUT --preset gpt2-small --dtype float16 --max-pos 140000   # the GPU benchmark's
+    python models/make_lm.py models/tiny_retention --stock-fused    # the bundled tiny model (GQA 4/2, gated)
+    python models/make_lm.py OUT --preset gpt2-small --dtype float16 --max-pos 140000 --stock-fused   # the GPU benchmark's
 """
 import json
 from pathlib import Path
@@ -32,10 +38,11 @@ TT = {"float32": TP.FLOAT, "float16": TP.FLOAT16}
 
 
 def build(kind, cfg, dtype="float32", max_pos=1024, rng_seed=0):
-    """kind: 'prefill' | 'decode' | 'stock'. Returns (model, state description)."""
+    """kind: 'prefill' | 'decode' | 'stock' | 'stock_fused'. Returns (model, state description)."""
     VOCAB, HIDDEN, LAYERS, HQ, HKV, D, CAP = (cfg[k] for k in ("vocab", "hidden", "layers", "hq", "hkv", "d", "cap"))
     DX = D * (D + 1) // 2
     decode = kind == "decode"
+    fused = kind == "stock_fused"
     T = TT[dtype]
     rng = np.random.default_rng(rng_seed)
     inits, nodes = [], []
@@ -56,13 +63,14 @@ def build(kind, cfg, dtype="float32", max_pos=1024, rng_seed=0):
     w("tok_emb", VOCAB, HIDDEN, scale=1.0)
     w("pos_emb", max_pos, HIDDEN, scale=0.1)
     x = node("Add", [node("Gather", ["tok_emb", "input_ids"], ["tok"]), node("Gather", ["pos_emb", "position_ids"], ["pos"])], ["x0"])
-    const("shape_q", [0, 0, HQ, D])
-    const("shape_kv", [0, 0, HKV, D])
-    const("shape_g", [0, 0, HKV])
-    const("shape_h", [0, 0, HQ * D])
-    const("three", [3.0], NP[dtype])
-    const("scale", [1.0 / np.sqrt(D)], NP[dtype])
-    const("ax2", [2])
+    if not fused:  # (the fused op takes (B, S, H·D) and scales itself)
+        const("shape_q", [0, 0, HQ, D])
+        const("shape_kv", [0, 0, HKV, D])
+        const("shape_g", [0, 0, HKV])
+        const("shape_h", [0, 0, HQ * D])
+        const("three", [3.0], NP[dtype])
+        const("scale", [1.0 / np.sqrt(D)], NP[dtype])
+        const("ax2", [2])
     if kind == "stock":
         # Causal mask over (new positions) x (all positions): key j visible to query i iff j <= past + i.
         node("Shape", ["input_ids"], ["ids_shape"])
@@ -75,20 +83,42 @@ def build(kind, cfg, dtype="float32", max_pos=1024, rng_seed=0):
         node("Unsqueeze", ["q_pos", const("ax1", [1])], ["q_col"])
         node("LessOrEqual", ["k_pos", "q_col"], ["causal"])
         const("neg", [-1e4 if dtype == "float16" else -1e30], NP[dtype])
+    if fused and HQ != HKV:
+        # GroupQueryAttention's lengths: every sequence has past + new tokens (no padding).
+        node("Shape", ["input_ids"], ["ids_shape"])
+        node("Gather", ["ids_shape", const("one_i", 1)], ["s_new"], axis=0)
+        node("Shape", ["past_key_values.0.key"], ["past_shape"])
+        node("Gather", ["past_shape", const("two_i", 2)], ["s_past"], axis=0)
+        node("Add", ["s_new", "s_past"], ["s_all"])
+        node("Cast", ["s_all"], ["total_seq_len"], to=TP.INT32)
+        node("Slice", ["ids_shape", const("zero_1", [0]), const("one_1", [1])], ["batch_1"])
+        node("Expand", [node("Sub", ["s_all", const("one_s", 1)], ["s_last"]), "batch_1"], ["seqlens_k64"])
+        node("Cast", ["seqlens_k64"], ["seqlens_k"], to=TP.INT32)
     inputs, outputs, state = [], [], []
     for i in range(LAYERS):
-        q = node("Reshape", [node("MatMul", [x, w(f"wq{i}", HIDDEN, HQ * D)], [f"q{i}"]), "shape_q"], [f"qh{i}"])
-        k = node("Reshape", [node("MatMul", [x, w(f"wk{i}", HIDDEN, HKV * D)], [f"k{i}"]), "shape_kv"], [f"kh{i}"])
-        v = node("Reshape", [node("MatMul", [x, w(f"wv{i}", HIDDEN, HKV * D)], [f"v{i}"]), "shape_kv"], [f"vh{i}"])
+        qm = node("MatMul", [x, w(f"wq{i}", HIDDEN, HQ * D)], [f"q{i}"])
+        if not fused:
+            q = node("Reshape", [qm, "shape_q"], [f"qh{i}"])
+        km = node("MatMul", [x, w(f"wk{i}", HIDDEN, HKV * D)], [f"k{i}"])
+        if not fused:
+            k = node("Reshape", [km, "shape_kv"], [f"kh{i}"])
+        vm = node("MatMul", [x, w(f"wv{i}", HIDDEN, HKV * D)], [f"v{i}"])
+        if not fused:
+            v = node("Reshape", [vm, "shape_kv"], [f"vh{i}"])
         g = None
-        if cfg["gated"]:
+        if cfg["gated"] and fused:  # stock attention ignores the gate: draw its weights (as w does), keep nothing
+            rng.standard_normal((HIDDEN, HKV), dtype=np.float32)
+        elif cfg["gated"]:
             gl = node("Add", [node("MatMul", [x, w(f"wg{i}", HIDDEN, HKV, scale=0.1)], [f"gp{i}"]), "three"], [f"gl{i}"])
             g = node("Reshape", [node("Neg", [node("Softplus", [node("Neg", [gl], [f"ng{i}"])], [f"sp{i}"])], [f"lg{i}"]), "shape_g"], [f"lgh{i}"])
             if dtype != "float32":
                 g = node("Cast", [g], [f"lgf{i}"], to=TP.FLOAT)
-        if kind == "stock":
-            y = stock_attention(node, i, q, k, v, HQ, HKV, D, T, inputs, outputs)
-            y = node("MatMul", [node("Reshape", [y, "shape_h"], [f"yh{i}"]), w(f"wo{i}", HQ * D, HIDDEN, scale=0.5 / np.sqrt(HQ * D))], [f"o{i}"])
+        if kind in ("stock", "stock_fused"):
+            if fused:
+                y = fused_attention(node, i, qm, km, vm, HQ, HKV, D, T, inputs, outputs)
+            else:
+                y = node("Reshape", [stock_attention(node, i, q, k, v, HQ, HKV, D, T, inputs, outputs), "shape_h"], [f"yh{i}"])
+            y = node("MatMul", [y, w(f"wo{i}", HQ * D, HIDDEN, scale=0.5 / np.sqrt(HQ * D))], [f"o{i}"])
             x = node("Add", [x, y], [f"x{i}a"])
             m = node("MatMul", [node("Relu", [node("MatMul", [x, w(f"w1{i}", HIDDEN, 4 * HIDDEN)], [f"m{i}"])], [f"r{i}"]), w(f"w2{i}", 4 * HIDDEN, HIDDEN, scale=0.5 / np.sqrt(4 * HIDDEN))], [f"m2{i}"])
             x = node("Add", [x, m], [f"x{i}b"])
@@ -125,7 +155,8 @@ def build(kind, cfg, dtype="float32", max_pos=1024, rng_seed=0):
         [helper.make_tensor_value_info("input_ids", TP.INT64, ["batch", "seq"]),
          helper.make_tensor_value_info("position_ids", TP.INT64, ["batch", "seq"])] + inputs,
         [helper.make_tensor_value_info("logits", T, ["batch", "seq", VOCAB])] + outputs, inits)
-    opsets = [helper.make_opsetid("", 17)] + ([] if kind == "stock" else [helper.make_opsetid("power_retention", 1)])
+    opsets = [helper.make_opsetid("", 17)] + {"stock": [], "stock_fused": [helper.make_opsetid("com.microsoft", 1)]}.get(
+        kind, [helper.make_opsetid("power_retention", 1)])
     model = helper.make_model(graph, opset_imports=opsets, producer_name="power-retention-ort models/make_lm.py")
     model.ir_version = 10
     return model, state
@@ -156,6 +187,24 @@ def stock_attention(node, i, q, k, v, HQ, HKV, D, T, inputs, outputs):
     return node("Transpose", [node("MatMul", [p, va], [f"pv{i}"])], [f"y{i}"], perm=perm)
 
 
+def fused_attention(node, i, q, k, v, HQ, HKV, D, T, inputs, outputs):
+    """ONNX Runtime's fused causal attention with a KV cache: q (B, S, HQ·D), k/v (B, S, HKV·D),
+    past/present (B, HKV, S, D) as in stock_attention; returns (B, S, HQ·D)."""
+    for n in ("key", "value"):
+        inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{n}", T, ["batch", HKV, "past", D]))
+        outputs.append(helper.make_tensor_value_info(f"present.{i}.{n}", T, ["batch", HKV, "total", D]))
+    past = [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+    present = [f"present.{i}.key", f"present.{i}.value"]
+    scale = float(1.0 / np.sqrt(D))
+    if HQ == HKV:
+        # inputs: query, key, value, bias, key_padding_mask, attention_bias, past_key, past_value
+        return node("MultiHeadAttention", [q, k, v, "", "", ""] + past, [f"y{i}"] + present, domain="com.microsoft",
+                    num_heads=HQ, unidirectional=1, scale=scale)
+    # inputs: query, key, value, past_key, past_value, seqlens_k, total_sequence_length
+    return node("GroupQueryAttention", [q, k, v] + past + ["seqlens_k", "total_seq_len"], [f"y{i}"] + present,
+                domain="com.microsoft", num_heads=HQ, kv_num_heads=HKV, scale=scale)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out")
@@ -163,11 +212,14 @@ def main():
     ap.add_argument("--dtype", choices=sorted(NP), default="float32")
     ap.add_argument("--max-pos", type=int, default=1024)
     ap.add_argument("--no-stock", action="store_true", help="skip the stock-attention model")
+    ap.add_argument("--stock-fused", action="store_true",
+                    help="also write stock_fused.onnx: the stock model with ONNX Runtime's fused attention op")
     a = ap.parse_args()
     cfg = PRESETS[a.preset]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    for kind in ("prefill", "decode") + (() if a.no_stock else ("stock",)):
+    kinds = ("prefill", "decode") + (() if a.no_stock else ("stock",)) + (("stock_fused",) if a.stock_fused else ())
+    for kind in kinds:
         model, state = build(kind, cfg, a.dtype, a.max_pos)
         onnx.save(model, out / f"{kind}.onnx")
         if kind == "decode":
@@ -175,7 +227,8 @@ def main():
             manifest = {"format": 1, "source": f"models/make_lm.py --preset {a.preset} --dtype {a.dtype}", "deg": 2, "chunk_size": 64,
                         "cache_capacity": cfg["cap"], "prefill": {"file": "prefill.onnx", **io}, "decode": {"file": "decode.onnx", **io}, "state": state}
             (out / "retention.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    print(f"wrote {out}: prefill.onnx, decode.onnx, retention.json" + ("" if a.no_stock else ", stock.onnx"))
+    print(f"wrote {out}: prefill.onnx, decode.onnx, retention.json" + ("" if a.no_stock else ", stock.onnx")
+          + (", stock_fused.onnx" if a.stock_fused else ""))
 
 
 if __name__ == "__main__":

@@ -9,8 +9,11 @@
 #             decode, CUDA graphs), then benches/gpu/bench_ort.py (ORT overhead over the bare kernels)
 #   bench     benches/gpu/bench_kernels.py: kernels vs the `retention` package and torch SDPA
 #   lm        a GPT-2-small-shaped model (models/make_lm.py) through `power-retention generate` and
-#             `power-retention bench` against the same model with stock attention and a KV cache
-# Usage: scripts/gpu-check.sh [kernels|sanitize|ort|bench|lm|all]...   (default all; logs in $OUT or /tmp)
+#             `power-retention bench` against the same model with stock attention and a KV cache,
+#             as built and with ONNX Runtime's fused attention op (stock_fused.onnx)
+#   kernelsum scripts/kernel-sum.sh: the summed kernel time of one decode step of that model (ncu),
+#             against generate's per-token latency with a CUDA graph
+# Usage: scripts/gpu-check.sh [kernels|sanitize|ort|bench|lm|kernelsum|all]...   (default all; logs in $OUT or /tmp)
 # Ends with one summary table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -55,19 +58,29 @@ fi
 if want lm; then
   (
     source /tmp/ortgpu/env.sh || exit 3
-    python3 models/make_lm.py /tmp/lm --preset gpt2-small --dtype float16 --max-pos 140000 > "$log/lm.log" 2>&1
+    python3 models/make_lm.py /tmp/lm --preset gpt2-small --dtype float16 --max-pos 140000 --stock-fused > "$log/lm.log" 2>&1
     .carry/bin/power-retention generate /tmp/lm --device cuda --new-tokens 48 --prompt-lengths 40,100,7,300 >> "$log/lm.log" 2>&1
     echo "generate rc $?" >> "$log/lm.log"
     .carry/bin/power-retention generate /tmp/lm --device cuda --cuda-graph --new-tokens 48 --prompt-lengths 40,100,7,300 > "$log/lm-graph.log" 2>&1
     echo "generate rc $?" >> "$log/lm-graph.log"
-    .carry/bin/power-retention bench /tmp/lm --stock /tmp/lm/stock.onnx --device cuda ${LM_GRAPH:-} \
+    .carry/bin/power-retention bench /tmp/lm --stock /tmp/lm/stock.onnx --stock-fused /tmp/lm/stock_fused.onnx --device cuda ${LM_GRAPH:-} \
       --contexts ${LM_CONTEXTS:-1024,4096,16384,32768,65536,131072} --batches 1,8 --steps ${LM_STEPS:-30} \
       --max-cache-gib 24 --out "$log/results" --device-name "$gpu" >> "$log/lm.log" 2>&1
     echo "bench rc $?" >> "$log/lm.log"
   )
-  record "LM generate (GPT-2-small shape, fp16)" "$(grep -q 'generate rc 0' "$log/lm.log" && echo pass || echo FAIL)" "$(grep -E 'per-token|equal-work' "$log/lm.log" | head -n 2 | tr '\n' ' ')"
-  record "LM generate, CUDA graph" "$(grep -q 'generate rc 0' "$log/lm-graph.log" && echo pass || echo FAIL)" "$(grep -E 'per-token|equal-work|Error|error' "$log/lm-graph.log" | head -n 2 | tr '\n' ' ')"
+  record "LM generate (GPT-2-small shape, fp16)" "$(grep -q 'generate rc 0' "$log/lm.log" && echo pass || echo FAIL)" "$(grep -E 'per-token|per-step|equal-work' "$log/lm.log" | head -n 3 | tr '\n' ' ')"
+  record "LM generate, CUDA graph" "$(grep -q 'generate rc 0' "$log/lm-graph.log" && echo pass || echo FAIL)" "$(grep -E 'per-token|per-step|equal-work|Error|error' "$log/lm-graph.log" | head -n 3 | tr '\n' ' ')"
   record "LM bench vs stock attention" "$(grep -q 'bench rc 0' "$log/lm.log" && echo done || echo FAIL)" "$(ls "$log"/results/*.md 2>/dev/null | head -n 1)"
+fi
+if want kernelsum; then
+  (
+    : > "$log/kernelsum.log"
+    source /tmp/ortgpu/env.sh || exit 3
+    [ -f /tmp/lm/retention.json ] || python3 models/make_lm.py /tmp/lm --preset gpt2-small --dtype float16 --max-pos 140000 --stock-fused >> "$log/kernelsum.log" 2>&1
+    OUT="$log" scripts/kernel-sum.sh /tmp/lm "${KSUM_PROMPTS:-100}" >> "$log/kernelsum.log" 2>&1
+    echo "kernelsum rc $?" >> "$log/kernelsum.log"
+  )
+  record "kernel sum per decode step (ncu)" "$(grep -q 'kernelsum rc 0' "$log/kernelsum.log" && echo done || echo FAIL)" "$(grep -E '^kernel time per decode step|^per-token latency|ncu not found' "$log/kernelsum.log" | tr '\n' ' ')"
 fi
 
 echo

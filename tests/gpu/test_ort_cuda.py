@@ -130,8 +130,12 @@ def test_prefill_on_cuda_matches_cpu_and_gold(case, dtype):
         want = gold.dense(*f64, lg)
     assert rel(got[0], want) <= TOL[dtype], f"cuda vs gold {rel(got[0], want):.2e}"
     assert rel(got[0], cpu[0]) <= TOL[dtype], f"cuda vs cpu {rel(got[0], cpu[0]):.2e}"
+    # The CPU kernels and the CUDA SIMT kernel accumulate the state in f32 from f32 operands (2e-5);
+    # the tensor-core kernel (bf16 inputs) rounds the state and gated values to bf16 where they
+    # enter an mma, as the package does, so bf16 gets the bf16 tolerance.
+    state_tol = TOL[dtype] if dtype == "bfloat16" else 2e-5
     for g, c in zip(got[1:], cpu[1:]):
-        assert rel(g, c) <= 2e-5, f"state cuda vs cpu {rel(g, c):.2e}"
+        assert rel(g, c) <= state_tol, f"state cuda vs cpu {rel(g, c):.2e}"
 
 
 def step_buffers(b, h, d, dv, cap, nt, lengths):

@@ -8,12 +8,13 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 
 use super::decoder::PowerModel;
 use super::generate::{generate, random_prompts, GenerateOptions};
 use super::sampling::Sampling;
-use super::stats::{bytes, Summary};
+use super::stats::{bytes, Breakdown, StepTimes, Summary};
 use super::stock::StockModel;
 
 pub struct BenchOptions {
@@ -27,15 +28,34 @@ pub struct BenchOptions {
     pub command: String,
 }
 
+/// One (batch, context) point: where each model's decode steps spent their time.
 #[derive(Clone, Debug)]
 pub struct Row {
     pub context: usize,
     pub batch: usize,
-    pub ours: Summary,
-    pub stock: Option<Summary>,
+    pub ours: Breakdown,
+    /// Stock attention as exported (`None`: skipped, its KV cache over the limit).
+    pub stock: Option<Breakdown>,
+    /// The same with ONNX Runtime's fused attention op (`None`: not asked for, or skipped).
+    pub stock_fused: Option<Breakdown>,
+    /// Why `stock` / `stock_fused` is `None`, as written in the table.
+    pub stock_why: String,
+    pub fused_why: String,
 }
 
-pub fn bench(ours: &mut PowerModel, stock: &mut StockModel, o: &BenchOptions) -> Result<Vec<Row>> {
+/// The models timed against ours: stock attention as exported, and optionally fused.
+pub struct Baselines<'a> {
+    pub stock: &'a mut StockModel,
+    pub fused: Option<&'a mut StockModel>,
+}
+
+/// The steps after the first fifth (warm-up).
+fn settled(t: &[StepTimes]) -> Option<Breakdown> {
+    Breakdown::of(&t[t.len() / 5..])
+}
+
+pub fn bench(ours: &mut PowerModel, base: Baselines<'_>, o: &BenchOptions) -> Result<Vec<Row>> {
+    let Baselines { stock, mut fused } = base;
     // Equal work first: a timing of wrong logits is worse than none.
     let vocab_probe = random_prompts(&[8, 13], 2, 1);
     let check = generate(
@@ -54,45 +74,79 @@ pub fn bench(ours: &mut PowerModel, stock: &mut StockModel, o: &BenchOptions) ->
     let mut rows = Vec::new();
     for &batch in &o.batches {
         for &context in &o.contexts {
-            let t = ours.time_steps(batch, context, o.steps, 11)?;
-            let ours_s = Summary::of(&t[t.len() / 5..]).context("no timed steps")?;
-            let cache = stock.cache_bytes_per_token() * (batch * (context + o.steps)) as u64;
-            let stock_s = if cache <= o.max_cache_bytes {
-                let t = stock.time_steps(batch, context, o.steps, 12)?;
-                Summary::of(&t[t.len() / 5..])
-            } else {
-                None
+            let ours_b = settled(&ours.time_steps(batch, context, o.steps, 11)?)
+                .context("no timed steps")?;
+            // A baseline that fails at one point (typically out of device memory for its KV
+            // cache) is reported as such and the sweep goes on; ours failing stops it.
+            let time_stock = |m: &mut StockModel, seed| -> (Option<Breakdown>, String) {
+                let cache = m.cache_bytes_per_token() * (batch * (context + o.steps)) as u64;
+                if cache > o.max_cache_bytes {
+                    return (None, format!("skipped (KV cache {} > limit)", bytes(cache)));
+                }
+                match m.time_steps(batch, context, o.steps, seed) {
+                    Ok(t) => (settled(&t), "no timed steps".to_string()),
+                    Err(e) => {
+                        let first = format!("{e:#}");
+                        let short = if first.contains("Failed to allocate memory") {
+                            "failed (out of device memory)".to_string()
+                        } else {
+                            format!("failed ({})", first.chars().take(80).collect::<String>())
+                        };
+                        eprintln!("B{batch} context {context}: baseline {short}: {first}");
+                        (None, short)
+                    }
+                }
+            };
+            let (stock_b, stock_why) = time_stock(stock, 12);
+            let (fused_b, fused_why) = match fused.as_deref_mut() {
+                Some(m) => time_stock(m, 13),
+                None => (None, "not asked for".to_string()),
+            };
+            let show = |b: &Option<Breakdown>, why: &str| {
+                b.map_or(why.to_string(), |b| {
+                    format!("{:.3} ms/token", b.step.median * 1e3)
+                })
             };
             eprintln!(
-                "B{batch} context {context}: ours {:.3} ms/token, stock {}",
-                ours_s.median * 1e3,
-                stock_s.map_or(
-                    format!("skipped (KV cache {} > limit)", bytes(cache)),
-                    |s| format!("{:.3} ms/token", s.median * 1e3)
-                )
+                "B{batch} context {context}: ours {:.3} ms/token ({}), stock {}{}",
+                ours_b.step.median * 1e3,
+                ours_b.medians(),
+                show(&stock_b, &stock_why),
+                if fused.is_some() {
+                    format!(", stock fused {}", show(&fused_b, &fused_why))
+                } else {
+                    String::new()
+                }
             );
             rows.push(Row {
                 context,
                 batch,
-                ours: ours_s,
-                stock: stock_s,
+                ours: ours_b,
+                stock: stock_b,
+                stock_fused: fused_b,
+                stock_why,
+                fused_why,
             });
         }
     }
-    write_report(&rows, ours, stock, o)?;
+    write_report(&rows, ours, stock, fused.is_some(), o)?;
     Ok(rows)
 }
 
-fn write_report(
+/// "0.850 (0.910)": median and p90 in ms.
+fn ms(s: &Summary) -> String {
+    format!("{:.3} ({:.3})", s.median * 1e3, s.p90 * 1e3)
+}
+
+/// The markdown report: the latency table and where the time goes.
+pub fn render(
     rows: &[Row],
-    ours: &PowerModel,
-    stock: &StockModel,
+    state_bytes: u64,
+    cache_bytes: u64,
+    with_fused: bool,
     o: &BenchOptions,
-) -> Result<()> {
-    std::fs::create_dir_all(&o.out_dir)
-        .with_context(|| format!("create {}", o.out_dir.display()))?;
-    let date = chrono::Utc::now().format("%Y-%m-%d").to_string();
-    let stem = format!("decode-{}-{date}", o.device_name.replace([' ', '/'], "_"));
+    date: &str,
+) -> Result<String> {
     let mut md = String::new();
     writeln!(md, "# Decode latency: power retention vs stock attention\n")?;
     writeln!(
@@ -102,33 +156,99 @@ fn write_report(
     )?;
     writeln!(
         md,
-        "- state per sequence: {} (constant); KV cache per sequence per token: {}\n- {} timed steps per point (median and p90 over the last 80 %); histories are synthetic, of the stated length\n",
-        bytes(ours.state_bytes_per_sequence()),
-        bytes(stock.cache_bytes_per_token()),
+        "- state per sequence: {} (constant); KV cache per sequence per token: {}\n- {} timed steps per point (median and p90 over the last 80 %); histories are synthetic, of the stated length\n- ms/token: one decode step = token/position ids host→device + the ORT run + logits device→host (as f32 rows); greedy sampling is timed apart (breakdown below)",
+        bytes(state_bytes),
+        bytes(cache_bytes),
         o.steps
     )?;
-    writeln!(md, "| batch | context | ours ms/token (p90) | ours tokens/s | stock ms/token (p90) | stock tokens/s | speed-up |")?;
-    writeln!(md, "|---|---|---|---|---|---|---|")?;
+    if with_fused {
+        writeln!(md, "- stock fused: the same model with ONNX Runtime's fused attention op and its KV cache (com.microsoft.MultiHeadAttention, or GroupQueryAttention where heads are grouped)")?;
+    }
+    writeln!(md)?;
+    let mut head = "| batch | context | ours ms/token (p90) | ours tokens/s | stock ms/token (p90) | stock tokens/s | speed-up |".to_string();
+    let mut rule = "|---|---|---|---|---|---|---|".to_string();
+    if with_fused {
+        head.push_str(" stock fused ms/token (p90) | stock fused tokens/s | speed-up vs fused |");
+        rule.push_str("---|---|---|");
+    }
+    writeln!(md, "{head}\n{rule}")?;
     for r in rows {
-        let tps = |s: &Summary| r.batch as f64 / s.median;
-        let (st, stps, up) = match &r.stock {
-            Some(s) => (
-                format!("{:.3} ({:.3})", s.median * 1e3, s.p90 * 1e3),
-                format!("{:.0}", tps(s)),
-                format!("{:.2}x", s.median / r.ours.median),
+        let tps = |b: &Breakdown| r.batch as f64 / b.step.median;
+        let cols = |b: &Option<Breakdown>, why: &str| match b {
+            Some(s) => format!(
+                "{} | {:.0} | {:.2}x",
+                ms(&s.step),
+                tps(s),
+                s.step.median / r.ours.step.median
             ),
-            None => ("skipped (memory)".into(), "-".into(), "-".into()),
+            None => format!("{why} | - | -"),
         };
-        writeln!(
+        write!(
             md,
-            "| {} | {} | {:.3} ({:.3}) | {:.0} | {st} | {stps} | {up} |",
+            "| {} | {} | {} | {:.0} | {} |",
             r.batch,
             r.context,
-            r.ours.median * 1e3,
-            r.ours.p90 * 1e3,
-            tps(&r.ours)
+            ms(&r.ours.step),
+            tps(&r.ours),
+            cols(&r.stock, &r.stock_why)
         )?;
+        if with_fused {
+            write!(md, " {} |", cols(&r.stock_fused, &r.fused_why))?;
+        }
+        writeln!(md)?;
     }
+    writeln!(
+        md,
+        "\n## Where the time goes\n\nMedians per decode step, ms: inputs (token and position ids host→device; for stock, also the per-step binding of the caches), run (ORT `Run`), logits (device→host, to f32 rows), sampling (greedy, on the host); step = inputs + run + logits, median of the per-step sums.\n"
+    )?;
+    writeln!(
+        md,
+        "| batch | context | model | inputs | run | logits | sampling | step |"
+    )?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|")?;
+    for r in rows {
+        let models = [
+            ("ours", Some(r.ours)),
+            ("stock", r.stock),
+            ("stock fused", r.stock_fused),
+        ];
+        for (name, b) in models {
+            let Some(b) = b else { continue };
+            writeln!(
+                md,
+                "| {} | {} | {name} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |",
+                r.batch,
+                r.context,
+                b.inputs.median * 1e3,
+                b.run.median * 1e3,
+                b.logits.median * 1e3,
+                b.sampling.median * 1e3,
+                b.step.median * 1e3
+            )?;
+        }
+    }
+    Ok(md)
+}
+
+fn write_report(
+    rows: &[Row],
+    ours: &PowerModel,
+    stock: &StockModel,
+    with_fused: bool,
+    o: &BenchOptions,
+) -> Result<()> {
+    std::fs::create_dir_all(&o.out_dir)
+        .with_context(|| format!("create {}", o.out_dir.display()))?;
+    let date = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    let stem = format!("decode-{}-{date}", o.device_name.replace([' ', '/'], "_"));
+    let mut md = render(
+        rows,
+        ours.state_bytes_per_sequence(),
+        stock.cache_bytes_per_token(),
+        with_fused,
+        o,
+        &date,
+    )?;
     let svg = o.out_dir.join(format!("{stem}.svg"));
     plot(rows, &svg, &o.device_name)?;
     writeln!(
@@ -147,7 +267,7 @@ fn write_report(
 fn plot(rows: &[Row], path: &Path, device: &str) -> Result<()> {
     let max_ms = rows
         .iter()
-        .flat_map(|r| [Some(r.ours.median), r.stock.map(|s| s.median)])
+        .flat_map(|r| [Some(r.ours), r.stock, r.stock_fused].map(|b| b.map(|b| b.step.median)))
         .flatten()
         .fold(0.0f64, f64::max)
         * 1e3
@@ -183,13 +303,16 @@ fn plot(rows: &[Row], path: &Path, device: &str) -> Result<()> {
         let ours: Vec<(f64, f64)> = rows
             .iter()
             .filter(|r| r.batch == b)
-            .map(|r| (r.context as f64, r.ours.median * 1e3))
+            .map(|r| (r.context as f64, r.ours.step.median * 1e3))
             .collect();
-        let stock: Vec<(f64, f64)> = rows
-            .iter()
-            .filter(|r| r.batch == b)
-            .filter_map(|r| r.stock.map(|s| (r.context as f64, s.median * 1e3)))
-            .collect();
+        let series = |f: fn(&Row) -> Option<Breakdown>| -> Vec<(f64, f64)> {
+            rows.iter()
+                .filter(|r| r.batch == b)
+                .filter_map(|r| f(r).map(|s| (r.context as f64, s.step.median * 1e3)))
+                .collect()
+        };
+        let stock = series(|r| r.stock);
+        let fused = series(|r| r.stock_fused);
         chart
             .draw_series(LineSeries::new(ours, color.stroke_width(2)))
             .map_err(|e| anyhow::anyhow!("{e}"))?
@@ -198,13 +321,25 @@ fn plot(rows: &[Row], path: &Path, device: &str) -> Result<()> {
                 PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
             });
         let dashed = color.mix(0.6);
-        chart
-            .draw_series(LineSeries::new(stock, dashed.stroke_width(1)))
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .label(format!("stock attention + KV cache, batch {b}"))
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], dashed.stroke_width(1))
-            });
+        if !stock.is_empty() {
+            chart
+                .draw_series(DashedLineSeries::new(stock, 8, 4, dashed.stroke_width(1)))
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .label(format!("stock attention + KV cache, batch {b}"))
+                .legend(move |(x, y)| {
+                    DashedPathElement::new(vec![(x, y), (x + 20, y)], 8, 4, dashed.stroke_width(1))
+                });
+        }
+        if !fused.is_empty() {
+            let dotted = color.mix(0.8);
+            chart
+                .draw_series(DashedLineSeries::new(fused, 2, 3, dotted.stroke_width(2)))
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .label(format!("stock, ORT fused attention + KV cache, batch {b}"))
+                .legend(move |(x, y)| {
+                    DashedPathElement::new(vec![(x, y), (x + 20, y)], 2, 3, dotted.stroke_width(2))
+                });
+        }
     }
     chart
         .configure_series_labels()

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 
-use super::bench::{bench, BenchOptions};
+use super::bench::{bench, Baselines, BenchOptions};
 use super::decoder::PowerModel;
 use super::generate::{generate, random_prompts, GenerateOptions};
 use super::runtime::{Device, Runtime};
@@ -134,6 +134,10 @@ pub struct BenchArgs {
     /// The original model with its KV cache (past_key_values.* inputs, present.* outputs)
     #[arg(long)]
     pub stock: PathBuf,
+    /// The same model with ONNX Runtime's fused attention op (e.g. stock_fused.onnx of
+    /// models/make_lm.py), timed the same way as --stock, in its own columns
+    #[arg(long)]
+    pub stock_fused: Option<PathBuf>,
     /// Context lengths to time at
     #[arg(
         long,
@@ -163,6 +167,11 @@ pub fn run_bench(a: &BenchArgs) -> Result<()> {
     let (device, rt) = a.runtime.open()?;
     let mut ours = PowerModel::load(&rt, &a.model_dir, device)?;
     let mut stock = StockModel::load(&rt, &a.stock, device)?;
+    let mut fused = a
+        .stock_fused
+        .as_ref()
+        .map(|p| StockModel::load(&rt, p, device))
+        .transpose()?;
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let o = BenchOptions {
         contexts: a.contexts.clone(),
@@ -176,6 +185,13 @@ pub fn run_bench(a: &BenchArgs) -> Result<()> {
             .unwrap_or_else(|| device.name().to_string()),
         command,
     };
-    bench(&mut ours, &mut stock, &o)?;
+    bench(
+        &mut ours,
+        Baselines {
+            stock: &mut stock,
+            fused: fused.as_mut(),
+        },
+        &o,
+    )?;
     Ok(())
 }

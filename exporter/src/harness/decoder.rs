@@ -1,21 +1,27 @@
 //! Stateful decoding of a rewritten model: per-sequence prefill, then batched steps with every
 //! state, cache and cache-length tensor bound in place (one device buffer each, read and written
-//! by the step), so no state tensor crosses to the host between tokens.
+//! by the step), so no state tensor crosses to the host between tokens. On CUDA the token ids,
+//! position ids and logits also stay in fixed device buffers, copied with plain CUDA copies
+//! (`device_copy`) rather than ORT runs.
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::IoBinding;
 use ort::session::Session;
 
 use ort::value::DynTensor;
 
+use super::device_copy::DeviceCopy;
 use super::runtime::{Device, Runtime};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use super::sampling::{Sampler, Sampling};
+use super::stats::StepTimes;
 use super::tensor::{Host, HostData};
 use crate::manifest::{Manifest, StateTensor};
 
@@ -25,6 +31,8 @@ pub struct PowerModel {
     prefill: Session,
     decode: Session,
     device: Device,
+    /// CUDA copies for the per-step inputs and logits (with `--device cuda`).
+    copier: Option<DeviceCopy>,
 }
 
 /// Logits for every prompt position (P × vocab), and the prefill's state outputs by manifest index.
@@ -38,6 +46,10 @@ pub struct DecodeState {
     input_ids: DynTensor,
     position_ids: Option<DynTensor>,
     logits: DynTensor,
+    /// Host sides of the per-step copies (token ids, position ids, logits in the model's dtype).
+    ids_host: Host,
+    positions_host: Host,
+    logits_host: Host,
     binding: IoBinding,
     pub batch: usize,
     /// Tokens seen so far per sequence (the next position id).
@@ -53,11 +65,16 @@ impl PowerModel {
             device,
             device.cuda_graph(),
         )?;
+        let copier = match device {
+            Device::Cpu => None,
+            Device::Cuda { .. } => Some(DeviceCopy::new(0)?),
+        };
         Ok(PowerModel {
             manifest,
             prefill,
             decode,
             device,
+            copier,
         })
     }
 
@@ -215,7 +232,7 @@ impl PowerModel {
         let alloc = self.allocator()?;
         let buffers: Vec<DynTensor> = hosts
             .iter()
-            .map(|h| h.to_ort(&alloc))
+            .map(|h| self.to_device(h, &alloc))
             .collect::<Result<_>>()?;
         let mut binding = self.decode.create_binding()?;
         for (s, buf) in self.manifest.state.iter().zip(buffers.iter()) {
@@ -223,34 +240,38 @@ impl PowerModel {
         }
         let io = &self.manifest.decode;
         let graph = self.device.cuda_graph();
-        // CUDA-graph replay needs every bound buffer at a fixed address on the device; without a
-        // graph, host tensors bound per step are cheaper (ORT copies them in its own run).
-        let token_alloc = if graph {
-            self.allocator()?
+        // On CUDA the token ids, position ids and logits live in device buffers bound once, at fixed
+        // addresses (as CUDA-graph replay requires), and each step copies into and out of them;
+        // on the CPU, host tensors written in place.
+        let token_alloc = if self.copier.is_some() {
+            alloc
         } else {
             Allocator::default()
         };
         let tokens = Host::i64(&[b as i64, 1], vec![0; b]);
-        let input_ids = tokens.to_ort(&token_alloc)?;
+        let input_ids = self.to_device(&tokens, &token_alloc)?;
         binding.bind_input(io.input_ids.as_str(), &input_ids)?;
         let position_ids = match &io.position_ids {
             Some(name) => {
-                let t = tokens.to_ort(&token_alloc)?;
+                let t = self.to_device(&tokens, &token_alloc)?;
                 binding.bind_input(name.as_str(), &t)?;
                 Some(t)
             }
             None => None,
         };
-        let logits = Host::zeros(
+        let logits_host = Host::zeros(
             &self.logits_dtype()?,
             &[b as i64, 1, self.vocab_size()? as i64],
-        )?
-        .to_ort(&token_alloc)?;
+        )?;
+        let logits = logits_host.alloc_like(&token_alloc)?;
         let mut state = DecodeState {
             buffers,
             input_ids,
             position_ids,
             logits,
+            ids_host: tokens.clone(),
+            positions_host: tokens,
+            logits_host,
             binding,
             batch: b,
             lengths,
@@ -271,26 +292,51 @@ impl PowerModel {
                 .run_binding(&state.binding)
                 .context("capture the decode step in a CUDA graph")?;
             for (h, buf) in hosts.iter().zip(state.buffers.iter_mut()) {
-                h.upload(buf)?;
+                match &self.copier {
+                    Some(c) => c.upload(h, buf)?,
+                    None => h.upload(buf)?,
+                }
             }
         }
         Ok(state)
     }
 
-    /// One decode step: feeds one new token per sequence, returns each sequence's logits.
-    pub fn step(&mut self, st: &mut DecodeState, tokens: &[i64]) -> Result<Vec<Vec<f32>>> {
+    /// One decode step: feeds one new token per sequence, returns each sequence's logits and
+    /// where the time went (`sampling` is left at 0: the caller samples).
+    pub fn step(
+        &mut self,
+        st: &mut DecodeState,
+        tokens: &[i64],
+    ) -> Result<(Vec<Vec<f32>>, StepTimes)> {
+        let t0 = Instant::now();
+        ensure!(
+            tokens.len() == st.batch,
+            "{} tokens for a batch of {}",
+            tokens.len(),
+            st.batch
+        );
         let b = st.batch as i64;
         let io = &self.manifest.decode;
-        Host::i64(&[b, 1], tokens.to_vec()).upload(&mut st.input_ids)?;
-        if let Some(pos) = st.position_ids.as_mut() {
-            Host::i64(&[b, 1], st.lengths.clone()).upload(pos)?;
-        }
-        if !self.device.cuda_graph() {
-            // Host tensors updated in place: rebinding makes ORT copy the new values in.
-            st.binding
-                .bind_input(io.input_ids.as_str(), &st.input_ids)?;
-            if let (Some(name), Some(pos)) = (&io.position_ids, &st.position_ids) {
-                st.binding.bind_input(name.as_str(), pos)?;
+        st.ids_host.data = HostData::I64(tokens.to_vec());
+        st.positions_host.data = HostData::I64(st.lengths.clone());
+        match &self.copier {
+            Some(c) => {
+                c.upload(&st.ids_host, &mut st.input_ids)?;
+                if let Some(pos) = st.position_ids.as_mut() {
+                    c.upload(&st.positions_host, pos)?;
+                }
+            }
+            None => {
+                st.ids_host.upload(&mut st.input_ids)?;
+                if let Some(pos) = st.position_ids.as_mut() {
+                    st.positions_host.upload(pos)?;
+                }
+                // Host tensors updated in place: rebinding makes ORT take the new values.
+                st.binding
+                    .bind_input(io.input_ids.as_str(), &st.input_ids)?;
+                if let (Some(name), Some(pos)) = (&io.position_ids, &st.position_ids) {
+                    st.binding.bind_input(name.as_str(), pos)?;
+                }
             }
         }
         if let Some(name) = &io.attention_mask {
@@ -304,15 +350,30 @@ impl PowerModel {
                     .to_ort(&Allocator::default())?,
             )?;
         }
+        let t1 = Instant::now();
         self.decode
             .run_binding(&st.binding)
             .context("decode step")?;
-        let logits = Host::from_tensor(&st.logits)?;
-        let vocab = *logits.shape.last().context("logits rank")? as usize;
+        let t2 = Instant::now();
+        match &self.copier {
+            Some(c) => c.download(&st.logits, &mut st.logits_host)?,
+            None => st.logits_host = Host::from_tensor(&st.logits)?,
+        }
+        let vocab = *st.logits_host.shape.last().context("logits rank")? as usize;
+        let rows = st.logits_host.rows_f32(vocab);
         for l in st.lengths.iter_mut() {
             *l += 1;
         }
-        Ok(logits.to_f32().chunks(vocab).map(<[f32]>::to_vec).collect())
+        let t3 = Instant::now();
+        Ok((
+            rows,
+            StepTimes {
+                inputs: (t1 - t0).as_secs_f64(),
+                run: (t2 - t1).as_secs_f64(),
+                logits: (t3 - t2).as_secs_f64(),
+                sampling: 0.0,
+            },
+        ))
     }
 
     /// Decode buffers as after `context` tokens of history: random state values of realistic size
@@ -350,23 +411,32 @@ impl PowerModel {
         self.bind(hosts, vec![context as i64; batch])
     }
 
-    /// Times `steps` decode steps from a synthetic history of `context` tokens.
+    /// Times `steps` decode steps from a synthetic history of `context` tokens, each followed by
+    /// greedy sampling (timed, not fed back: the tokens fed are fixed).
     pub fn time_steps(
         &mut self,
         batch: usize,
         context: usize,
         steps: usize,
         seed: u64,
-    ) -> Result<Vec<f64>> {
+    ) -> Result<Vec<StepTimes>> {
         let mut st = self.start_synthetic(batch, context, seed)?;
         let tokens: Vec<i64> = (0..batch as i64).map(|i| i % 7).collect();
         let mut times = Vec::with_capacity(steps);
         for _ in 0..steps {
-            let t = std::time::Instant::now();
-            self.step(&mut st, &tokens)?;
-            times.push(t.elapsed().as_secs_f64());
+            let (logits, mut t) = self.step(&mut st, &tokens)?;
+            t.sampling = time_greedy(&logits);
+            times.push(t);
         }
         Ok(times)
+    }
+
+    /// A device buffer holding `h` (through `DeviceCopy` on CUDA), or a host tensor.
+    fn to_device(&self, h: &Host, alloc: &Allocator) -> Result<DynTensor> {
+        match &self.copier {
+            Some(c) if !alloc.memory_info().is_cpu_accessible() => c.to_device(h, alloc),
+            _ => h.to_ort(alloc),
+        }
     }
 
     fn allocator(&self) -> Result<Allocator> {
@@ -383,6 +453,15 @@ impl PowerModel {
             )?,
         })
     }
+}
+
+/// Seconds to pick each row's greedy token (what `bench` charges per step for sampling).
+pub fn time_greedy(rows: &[Vec<f32>]) -> f64 {
+    let mut sampler = Sampler::new(Sampling::Greedy, 0);
+    let t = Instant::now();
+    let picked: usize = rows.iter().map(|r| sampler.next(r)).sum();
+    std::hint::black_box(picked);
+    t.elapsed().as_secs_f64()
 }
 
 impl StateTensor {

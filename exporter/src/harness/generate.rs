@@ -10,7 +10,7 @@ use rand::{Rng, SeedableRng};
 
 use super::decoder::PowerModel;
 use super::sampling::{Sampler, Sampling};
-use super::stats::{bytes, Summary};
+use super::stats::{bytes, Breakdown, StepTimes, Summary};
 
 pub struct GenerateOptions {
     pub prompts: Vec<Vec<i64>>,
@@ -26,6 +26,8 @@ pub struct GenerateReport {
     pub tokens: Vec<Vec<i64>>,
     pub prefill_seconds: f64,
     pub step: Option<Summary>,
+    /// Where the steps' time went (medians of inputs, run, logits, sampling).
+    pub breakdown: Option<Breakdown>,
     pub tokens_per_second: f64,
     pub state_bytes: u64,
     /// Largest ‖decode − prefill‖/‖prefill‖ over the generated positions, if checked.
@@ -68,12 +70,18 @@ pub fn generate(model: &mut PowerModel, opts: &GenerateOptions) -> Result<Genera
         bar
     });
     let mut times = Vec::with_capacity(opts.new_tokens);
+    let mut parts: Vec<StepTimes> = Vec::with_capacity(opts.new_tokens);
     for _ in 1..opts.new_tokens {
         let t = Instant::now();
-        let logits = model.step(&mut st, &next)?;
+        let (logits, mut part) = model.step(&mut st, &next)?;
         times.push(t.elapsed().as_secs_f64());
+        let ts = Instant::now();
+        for (bi, l) in logits.iter().enumerate() {
+            next[bi] = samplers[bi].next(l) as i64;
+        }
+        part.sampling = ts.elapsed().as_secs_f64();
+        parts.push(part);
         for (bi, l) in logits.into_iter().enumerate() {
-            next[bi] = samplers[bi].next(&l) as i64;
             generated[bi].push(next[bi]);
             if opts.check {
                 step_logits[bi].push(l);
@@ -87,6 +95,7 @@ pub fn generate(model: &mut PowerModel, opts: &GenerateOptions) -> Result<Genera
         bar.finish_and_clear();
     }
     let step = Summary::of(&times);
+    let breakdown = Breakdown::of(&parts);
     let tokens_per_second = step.map_or(0.0, |s| b as f64 / s.mean);
     let check_error = if opts.check {
         Some(check_against_prefill(
@@ -102,6 +111,7 @@ pub fn generate(model: &mut PowerModel, opts: &GenerateOptions) -> Result<Genera
         tokens: generated,
         prefill_seconds,
         step,
+        breakdown,
         tokens_per_second,
         state_bytes: model.state_bytes_per_sequence() * b as u64,
         check_error,
@@ -163,6 +173,9 @@ impl GenerateReport {
                 s.n
             );
             println!("throughput        {:.1} tokens/s", self.tokens_per_second);
+        }
+        if let Some(b) = &self.breakdown {
+            println!("per-step medians  {}", b.medians());
         }
         println!(
             "state memory      {} for the batch (constant in context length)",

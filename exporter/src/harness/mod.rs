@@ -4,6 +4,10 @@
 pub mod bench;
 pub mod cli;
 pub mod decoder;
+// The only unsafe code of the exporter: raw CUDA driver copies to and from ORT's device tensors,
+// behind a checked safe API (device, element type and count are verified before every copy).
+#[allow(unsafe_code)]
+pub mod device_copy;
 pub mod generate;
 pub mod runtime;
 pub mod sampling;

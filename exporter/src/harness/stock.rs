@@ -1,18 +1,24 @@
-//! The original model with its KV cache (stock attention, as exported), driven by the same timing
-//! code: each step feeds the previous step's present key/values back as the past, through IO
-//! binding so caches stay on the device.
+//! The original model with its KV cache (stock attention as exported, or the same model with
+//! ONNX Runtime's fused attention op), driven by the same timing code: each step feeds the previous
+//! step's present key/values back as the past, through IO binding so caches stay on the device; on
+//! CUDA the token ids, position ids and logits cross with the same plain CUDA copies as the
+//! rewritten model's (`device_copy`).
 
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::Session;
-use ort::value::{DynValue, TensorElementType, ValueType};
+use ort::value::{DynTensor, DynTensorValueType, DynValue, TensorElementType, ValueType};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use super::decoder::time_greedy;
+use super::device_copy::DeviceCopy;
 use super::runtime::{Device, Runtime};
+use super::sampling::{Sampler, Sampling};
+use super::stats::StepTimes;
 use super::tensor::{Host, HostData};
 
 /// One past/present pair of the KV cache.
@@ -27,7 +33,11 @@ struct CachePair {
 
 pub struct StockModel {
     session: Session,
-    device: Device,
+    /// CUDA copies for the per-step inputs and logits (with `--device cuda`).
+    copier: Option<DeviceCopy>,
+    /// The session's allocator for where it runs, and that memory (where outputs are bound).
+    alloc: Allocator,
+    out_mem: MemoryInfo<'static>,
     pairs: Vec<CachePair>,
     input_ids: String,
     attention_mask: Option<String>,
@@ -95,9 +105,33 @@ impl StockModel {
         if pairs.is_empty() {
             bail!("the original model has no past_* KV-cache inputs: export it with use_cache / past key values");
         }
+        let (copier, alloc, out_mem) = match device {
+            Device::Cpu => (
+                None,
+                Allocator::default(),
+                MemoryInfo::new(
+                    AllocationDevice::CPU,
+                    0,
+                    AllocatorType::Device,
+                    MemoryType::Default,
+                )?,
+            ),
+            Device::Cuda { .. } => {
+                let mem = MemoryInfo::new(
+                    AllocationDevice::CUDA,
+                    0,
+                    AllocatorType::Device,
+                    MemoryType::Default,
+                )?;
+                let alloc = Allocator::new(&session, mem.clone())?;
+                (Some(DeviceCopy::new(0)?), alloc, mem)
+            }
+        };
         Ok(StockModel {
             session,
-            device,
+            copier,
+            alloc,
+            out_mem,
             pairs,
             input_ids,
             attention_mask,
@@ -123,113 +157,222 @@ impl StockModel {
 
     /// Times `steps` decode steps of a batch at `context` tokens of (synthetic) history: the cache
     /// starts as random values of that length and grows by one token per step, as in decoding.
+    /// Each step is timed as the rewritten model's is (inputs, run, logits to the host as f32 rows,
+    /// then greedy sampling, timed apart).
     pub fn time_steps(
         &mut self,
         batch: usize,
         context: usize,
         steps: usize,
         seed: u64,
-    ) -> Result<Vec<f64>> {
+    ) -> Result<Vec<StepTimes>> {
         let mut rng = StdRng::seed_from_u64(seed);
-        let alloc = match self.device {
-            Device::Cpu => Allocator::default(),
-            Device::Cuda { .. } => Allocator::new(
-                &self.session,
-                MemoryInfo::new(
-                    AllocationDevice::CUDA,
-                    0,
-                    AllocatorType::Device,
-                    MemoryType::Default,
-                )?,
-            )?,
-        };
         let mut pasts: Vec<DynValue> = Vec::new();
+        // One block of random values serves every cache of its shape and type (a step's cost does
+        // not depend on the values; drawing them per cache took minutes at long contexts).
+        let mut block: Option<Host> = None;
         for p in &self.pairs {
             let shape = [batch as i64, p.heads, context as i64, p.head_dim];
-            let n = shape.iter().product::<i64>() as usize;
-            let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-            let data = match p.dtype {
-                TensorElementType::Float32 => HostData::F32(v),
-                TensorElementType::Float16 => {
-                    HostData::F16(v.iter().map(|&x| half::f16::from_f32(x)).collect())
-                }
-                TensorElementType::Bfloat16 => {
-                    HostData::BF16(v.iter().map(|&x| half::bf16::from_f32(x)).collect())
-                }
-                other => bail!("cache '{}' has element type {other:?}", p.past),
-            };
-            pasts.push(
-                Host {
+            let reuse = block.as_ref().is_some_and(|h| {
+                h.shape == shape
+                    && matches!(
+                        (&h.data, p.dtype),
+                        (HostData::F32(_), TensorElementType::Float32)
+                            | (HostData::F16(_), TensorElementType::Float16)
+                            | (HostData::BF16(_), TensorElementType::Bfloat16)
+                    )
+            });
+            if !reuse {
+                let n = shape.iter().product::<i64>() as usize;
+                let v = (0..n).map(|_| rng.random_range(-1.0f32..1.0));
+                let data = match p.dtype {
+                    TensorElementType::Float32 => HostData::F32(v.collect()),
+                    TensorElementType::Float16 => {
+                        HostData::F16(v.map(half::f16::from_f32).collect())
+                    }
+                    TensorElementType::Bfloat16 => {
+                        HostData::BF16(v.map(half::bf16::from_f32).collect())
+                    }
+                    other => bail!("cache '{}' has element type {other:?}", p.past),
+                };
+                block = Some(Host {
                     shape: shape.to_vec(),
                     data,
-                }
-                .to_ort(&alloc)?
-                .into_dyn(),
-            );
+                });
+            }
+            let host = block.as_ref().context("cache block")?;
+            pasts.push(self.to_device(host)?.into_dyn());
         }
-        let out_mem = match self.device {
-            Device::Cpu => MemoryInfo::new(
-                AllocationDevice::CPU,
-                0,
-                AllocatorType::Device,
-                MemoryType::Default,
-            )?,
-            Device::Cuda { .. } => MemoryInfo::new(
-                AllocationDevice::CUDA,
-                0,
-                AllocatorType::Device,
-                MemoryType::Default,
-            )?,
-        };
-        let cpu = MemoryInfo::new(
-            AllocationDevice::CPU,
-            0,
-            AllocatorType::Device,
-            MemoryType::Default,
-        )?;
+        drop(block);
+        let mut bufs = StepBuffers::default();
         let mut times = Vec::with_capacity(steps);
         for s in 0..steps {
-            let len = (context + s) as i64;
             let b = batch as i64;
-            let mut binding = self.session.create_binding()?;
-            binding.bind_input(
-                self.input_ids.as_str(),
-                &Host::i64(&[b, 1], (0..b).map(|i| (i * 7 + s as i64) % 50).collect())
-                    .to_ort(&Allocator::default())?,
-            )?;
-            if let Some(name) = &self.attention_mask {
-                binding.bind_input(
-                    name.as_str(),
-                    &Host::i64(&[b, len + 1], vec![1; (b * (len + 1)) as usize])
-                        .to_ort(&Allocator::default())?,
-                )?;
-            }
-            if let Some(name) = &self.position_ids {
-                binding.bind_input(
-                    name.as_str(),
-                    &Host::i64(&[b, 1], vec![len; batch]).to_ort(&Allocator::default())?,
-                )?;
-            }
-            for (p, v) in self.pairs.iter().zip(&pasts) {
-                binding.bind_input(p.past.as_str(), v)?;
-                binding.bind_output_to_device(p.present.as_str(), &out_mem)?;
-            }
-            binding.bind_output_to_device(self.logits.as_str(), &cpu)?;
-            let t = Instant::now();
-            let mut out = self
-                .session
-                .run_binding(&binding)
-                .context("stock decode step")?;
-            times.push(t.elapsed().as_secs_f64());
-            pasts = self
-                .pairs
-                .iter()
-                .map(|p| {
-                    out.remove(p.present.as_str())
-                        .with_context(|| format!("output {}", p.present))
-                })
-                .collect::<Result<_>>()?;
+            let tokens: Vec<i64> = (0..b).map(|i| (i * 7 + s as i64) % 50).collect();
+            let (rows, presents, mut t) =
+                self.step(&mut bufs, &pasts, &tokens, batch, context + s)?;
+            t.sampling = time_greedy(&rows);
+            times.push(t);
+            pasts = presents;
         }
         Ok(times)
     }
+
+    /// Greedy decoding from an empty cache (to compare two models' logits): the prompt in one
+    /// step, then `steps` steps of one token each. Returns the tokens picked and the logits each
+    /// pick was made from (the prompt's last position, then each step).
+    pub fn greedy(&mut self, prompt: &[i64], steps: usize) -> Result<(Vec<i64>, Vec<Vec<f32>>)> {
+        ensure!(!prompt.is_empty(), "empty prompt");
+        let mut pasts: Vec<DynValue> = Vec::new();
+        for p in &self.pairs {
+            let dtype = match p.dtype {
+                TensorElementType::Float16 => "float16",
+                TensorElementType::Bfloat16 => "bfloat16",
+                _ => "float32",
+            };
+            let empty = Host::zeros(dtype, &[1, p.heads, 0, p.head_dim])?;
+            pasts.push(self.to_device(&empty)?.into_dyn());
+        }
+        let mut bufs = StepBuffers::default();
+        let (mut tokens, mut picked, mut logits) = (prompt.to_vec(), Vec::new(), Vec::new());
+        let mut sampler = Sampler::new(Sampling::Greedy, 0);
+        let mut len = 0;
+        for _ in 0..=steps {
+            let (rows, presents, _) = self.step(&mut bufs, &pasts, &tokens, 1, len)?;
+            len += tokens.len();
+            let last = rows.into_iter().last().context("no logits")?;
+            let next = sampler.next(&last) as i64;
+            picked.push(next);
+            logits.push(last);
+            tokens = vec![next];
+            pasts = presents;
+        }
+        Ok((picked, logits))
+    }
+
+    /// One step of `tokens.len() / batch` new tokens per sequence after `past_len` cached ones:
+    /// logits of every new position (one row each), the presents (the next step's pasts), and
+    /// where the time went (sampling left at 0).
+    fn step(
+        &mut self,
+        bufs: &mut StepBuffers,
+        pasts: &[DynValue],
+        tokens: &[i64],
+        batch: usize,
+        past_len: usize,
+    ) -> Result<(Vec<Vec<f32>>, Vec<DynValue>, StepTimes)> {
+        let t0 = Instant::now();
+        let b = batch as i64;
+        let s = (tokens.len() / batch.max(1)) as i64;
+        let total = past_len as i64 + s;
+        let mut binding = self.session.create_binding()?;
+        let ids = Host::i64(&[b, s], tokens.to_vec());
+        self.feed(&mut bufs.input_ids, &ids)?;
+        binding.bind_input(
+            self.input_ids.as_str(),
+            bufs.input_ids.as_ref().context("ids")?,
+        )?;
+        if let Some(name) = &self.position_ids {
+            let pos = Host::i64(
+                &[b, s],
+                (0..b).flat_map(|_| past_len as i64..total).collect(),
+            );
+            self.feed(&mut bufs.position_ids, &pos)?;
+            binding.bind_input(name.as_str(), bufs.position_ids.as_ref().context("pos")?)?;
+        }
+        if let Some(name) = &self.attention_mask {
+            // Grows every step: a new buffer each time.
+            let mask = Host::i64(&[b, total], vec![1; (b * total) as usize]);
+            binding.bind_input(name.as_str(), &self.to_device(&mask)?)?;
+        }
+        for (p, v) in self.pairs.iter().zip(pasts) {
+            binding.bind_input(p.past.as_str(), v)?;
+            binding.bind_output_to_device(p.present.as_str(), &self.out_mem)?;
+        }
+        binding.bind_output_to_device(self.logits.as_str(), &self.out_mem)?;
+        let t1 = Instant::now();
+        let mut out = self
+            .session
+            .run_binding(&binding)
+            .context("stock decode step")?;
+        let t2 = Instant::now();
+        let value = &out[self.logits.as_str()];
+        let logits = match &self.copier {
+            Some(c) => {
+                let t = value.view().downcast::<DynTensorValueType>()?;
+                let shape = t.shape().to_vec();
+                let host = match bufs.logits_host.take() {
+                    Some(h) if h.shape == shape => h,
+                    _ => Host::zeros(dtype_name(value.dtype())?, &shape)?,
+                };
+                let mut host = host;
+                c.download(&t, &mut host)?;
+                host
+            }
+            None => Host::from_ort(value)?,
+        };
+        let vocab = *logits.shape.last().context("logits rank")? as usize;
+        let rows = logits.rows_f32(vocab);
+        if self.copier.is_some() {
+            bufs.logits_host = Some(logits);
+        }
+        let t3 = Instant::now();
+        let presents = self
+            .pairs
+            .iter()
+            .map(|p| {
+                out.remove(p.present.as_str())
+                    .with_context(|| format!("output {}", p.present))
+            })
+            .collect::<Result<_>>()?;
+        Ok((
+            rows,
+            presents,
+            StepTimes {
+                inputs: (t1 - t0).as_secs_f64(),
+                run: (t2 - t1).as_secs_f64(),
+                logits: (t3 - t2).as_secs_f64(),
+                sampling: 0.0,
+            },
+        ))
+    }
+
+    /// Writes `host` into `slot`'s buffer, reusing it while the shape stays.
+    fn feed(&self, slot: &mut Option<DynTensor>, host: &Host) -> Result<()> {
+        if let (Some(t), Some(c)) = (slot.as_mut(), &self.copier) {
+            if t.shape().to_vec() == host.shape {
+                return c.upload(host, t);
+            }
+        }
+        *slot = Some(self.to_device(host)?);
+        Ok(())
+    }
+
+    /// A tensor holding `host` where the session runs (device memory on CUDA).
+    fn to_device(&self, host: &Host) -> Result<DynTensor> {
+        match &self.copier {
+            Some(c) => c.to_device(host, &self.alloc),
+            None => host.to_ort(&Allocator::default()),
+        }
+    }
+}
+
+/// Per-step input buffers, reused while their shapes stay, and the host logits buffer.
+#[derive(Default)]
+struct StepBuffers {
+    input_ids: Option<DynTensor>,
+    position_ids: Option<DynTensor>,
+    logits_host: Option<Host>,
+}
+
+fn dtype_name(v: &ValueType) -> Result<&'static str> {
+    Ok(match v {
+        ValueType::Tensor { ty, .. } => match ty {
+            TensorElementType::Float32 => "float32",
+            TensorElementType::Float16 => "float16",
+            TensorElementType::Bfloat16 => "bfloat16",
+            other => bail!("logits of element type {other:?}"),
+        },
+        other => bail!("logits are not a tensor: {other:?}"),
+    })
 }

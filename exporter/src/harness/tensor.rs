@@ -1,6 +1,7 @@
 //! Host tensors of the element types the models use, and conversions to and from `ort` values.
 
 use anyhow::{bail, Context, Result};
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use ort::memory::Allocator;
 use ort::value::{DynTensor, DynTensorValueType, DynValue, Tensor, TensorElementType};
@@ -69,11 +70,35 @@ impl Host {
 
     /// Values as f32 (logits of any float dtype).
     pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.numel()];
+        self.f32_into(0, &mut out);
+        out
+    }
+
+    /// Rows of `row` elements as f32 (logits: one row per sequence), converted straight into each
+    /// row (the half-precision conversions use the CPU's conversion instructions where it has them).
+    pub fn rows_f32(&self, row: usize) -> Vec<Vec<f32>> {
+        let row = row.max(1);
+        (0..self.numel() / row)
+            .map(|r| {
+                let mut out = vec![0.0; row];
+                self.f32_into(r * row, &mut out);
+                out
+            })
+            .collect()
+    }
+
+    /// Elements [offset, offset + out.len()) as f32.
+    fn f32_into(&self, offset: usize, out: &mut [f32]) {
+        let end = offset + out.len();
         match &self.data {
-            HostData::F32(v) => v.clone(),
-            HostData::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
-            HostData::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
-            HostData::I64(v) => v.iter().map(|&x| x as f32).collect(),
+            HostData::F32(v) => out.copy_from_slice(&v[offset..end]),
+            HostData::F16(v) => v[offset..end].convert_to_f32_slice(out),
+            HostData::BF16(v) => v[offset..end].convert_to_f32_slice(out),
+            HostData::I64(v) => out
+                .iter_mut()
+                .zip(&v[offset..end])
+                .for_each(|(o, &x)| *o = x as f32),
         }
     }
 
@@ -100,6 +125,18 @@ impl Host {
             HostData::F16(v) => make!(f16, v),
             HostData::BF16(v) => make!(bf16, v),
             HostData::I64(v) => make!(i64, v),
+        })
+    }
+
+    /// A new ORT tensor of this dtype and shape allocated by `alloc`, contents undefined (an
+    /// output buffer, or a device buffer filled by `DeviceCopy::upload`).
+    pub fn alloc_like(&self, alloc: &Allocator) -> Result<DynTensor> {
+        let shape = self.shape.clone();
+        Ok(match &self.data {
+            HostData::F32(_) => Tensor::<f32>::new(alloc, shape)?.upcast(),
+            HostData::F16(_) => Tensor::<f16>::new(alloc, shape)?.upcast(),
+            HostData::BF16(_) => Tensor::<bf16>::new(alloc, shape)?.upcast(),
+            HostData::I64(_) => Tensor::<i64>::new(alloc, shape)?.upcast(),
         })
     }
 
@@ -159,5 +196,30 @@ impl Host {
             .to(ort::memory::AllocationDevice::CPU, 0)
             .context("copy a device tensor to the host")?;
         Host::from_ort(&cpu.into_dyn())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_convert_each_dtype_to_f32() {
+        let halves = |v: &[f32]| v.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>();
+        let h = Host {
+            shape: vec![2, 1, 3],
+            data: HostData::F16(halves(&[1.0, -2.5, 0.125, 65504.0, 3.0, -0.0])),
+        };
+        assert_eq!(
+            h.rows_f32(3),
+            vec![vec![1.0, -2.5, 0.125], vec![65504.0, 3.0, -0.0]]
+        );
+        assert_eq!(h.to_f32(), vec![1.0, -2.5, 0.125, 65504.0, 3.0, -0.0]);
+        let b = Host {
+            shape: vec![1, 2],
+            data: HostData::BF16(vec![bf16::from_f32(1.5), bf16::from_f32(-4.0)]),
+        };
+        assert_eq!(b.rows_f32(2), vec![vec![1.5, -4.0]]);
+        assert_eq!(Host::i64(&[3], vec![1, 2, 3]).rows_f32(1).len(), 3);
     }
 }

@@ -1,0 +1,146 @@
+//! The decoding harness (`generate`, `bench`) on the CPU, on the bundled tiny model
+//! (`models/tiny_retention`, built by `models/make_lm.py --stock-fused`): the per-step time
+//! breakdown, stock attention with ONNX Runtime's fused op against stock attention as built, and
+//! the bench report with both.
+
+mod common;
+
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+use common::{ort_path, plugin_path, repo_root, scratch};
+use power_retention_exporter::harness::bench::{bench, Baselines, BenchOptions};
+use power_retention_exporter::harness::decoder::PowerModel;
+use power_retention_exporter::harness::generate::{generate, GenerateOptions};
+use power_retention_exporter::harness::runtime::{Device, Runtime};
+use power_retention_exporter::harness::sampling::Sampling;
+use power_retention_exporter::harness::stock::StockModel;
+
+/// One ONNX Runtime environment for the binary; sessions are created one at a time (ORT's custom
+/// domain registration races otherwise).
+fn runtime() -> MutexGuard<'static, Runtime> {
+    static RT: OnceLock<Mutex<Runtime>> = OnceLock::new();
+    RT.get_or_init(|| {
+        Mutex::new(Runtime::new(Some(&ort_path()), Some(&plugin_path()), 1).expect("ONNX Runtime"))
+    })
+    .lock()
+    .unwrap_or_else(|e| e.into_inner())
+}
+
+fn tiny() -> std::path::PathBuf {
+    repo_root().join("models/tiny_retention")
+}
+
+#[test]
+fn fused_stock_attention_gives_the_stock_logits() {
+    let rt = runtime();
+    let mut stock = StockModel::load(&rt, &tiny().join("stock.onnx"), Device::Cpu).unwrap();
+    let mut fused = StockModel::load(&rt, &tiny().join("stock_fused.onnx"), Device::Cpu).unwrap();
+    assert_eq!(stock.cache_bytes_per_token(), fused.cache_bytes_per_token());
+    let prompt = [3, 17, 200, 5, 9, 1, 44, 128, 7];
+    let (want_tokens, want) = stock.greedy(&prompt, 12).unwrap();
+    let (got_tokens, got) = fused.greedy(&prompt, 12).unwrap();
+    assert_eq!(got_tokens, want_tokens);
+    assert_eq!(got.len(), 13);
+    let scale = want.iter().flatten().fold(0f32, |m, x| m.max(x.abs()));
+    let worst = got
+        .iter()
+        .flatten()
+        .zip(want.iter().flatten())
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        worst / scale < 1e-5,
+        "max |fused − stock| / max |stock| = {}",
+        worst / scale
+    );
+}
+
+#[test]
+fn the_step_breakdown_accounts_for_each_step() {
+    let rt = runtime();
+    let mut model = PowerModel::load(&rt, &tiny(), Device::Cpu).unwrap();
+    let report = generate(
+        &mut model,
+        &GenerateOptions {
+            prompts: vec![vec![1, 2, 3, 4, 5], vec![9; 17]],
+            new_tokens: 9,
+            sampling: Sampling::Greedy,
+            seed: 0,
+            check: true,
+            progress: false,
+        },
+    )
+    .unwrap();
+    assert!(report.check_error.unwrap() < 1e-4);
+    let (wall, parts) = (report.step.unwrap(), report.breakdown.unwrap());
+    assert_eq!((wall.n, parts.step.n, parts.sampling.n), (8, 8, 8));
+    // Each step's parts are timed inside its wall time, so every order statistic is below.
+    assert!(parts.step.median <= wall.median && parts.step.p90 <= wall.p90);
+    assert!(parts.run.median > 0.0 && parts.run.median <= parts.step.median);
+    for s in [parts.inputs, parts.logits, parts.sampling] {
+        assert!(s.median >= 0.0 && s.median < parts.step.median + parts.sampling.median);
+    }
+
+    let times = model.time_steps(2, 40, 6, 0).unwrap();
+    assert_eq!(times.len(), 6);
+    for t in &times {
+        assert!(t.run > 0.0 && t.inputs >= 0.0 && t.logits >= 0.0 && t.sampling >= 0.0);
+        assert_eq!(t.step(), t.inputs + t.run + t.logits);
+    }
+}
+
+#[test]
+fn bench_reports_stock_fused_and_where_the_time_goes() {
+    let rt = runtime();
+    let mut ours = PowerModel::load(&rt, &tiny(), Device::Cpu).unwrap();
+    let mut stock = StockModel::load(&rt, &tiny().join("stock.onnx"), Device::Cpu).unwrap();
+    let mut fused = StockModel::load(&rt, &tiny().join("stock_fused.onnx"), Device::Cpu).unwrap();
+    let out = scratch("harness", "bench");
+    let o = BenchOptions {
+        contexts: vec![16, 40],
+        batches: vec![1, 2],
+        steps: 5,
+        // Batch 2 at context 40 exceeds this: that point is skipped for both stock models.
+        max_cache_bytes: 512 * 2 * 44,
+        out_dir: out.clone(),
+        device_name: "cpu test".into(),
+        command: "test".into(),
+    };
+    let rows = bench(
+        &mut ours,
+        Baselines {
+            stock: &mut stock,
+            fused: Some(&mut fused),
+        },
+        &o,
+    )
+    .unwrap();
+    assert_eq!(rows.len(), 4);
+    for r in &rows {
+        let skipped = r.batch == 2 && r.context == 40;
+        assert_eq!(r.stock.is_none(), skipped, "{}x{}", r.batch, r.context);
+        assert_eq!(
+            r.stock_fused.is_none(),
+            skipped,
+            "{}x{}",
+            r.batch,
+            r.context
+        );
+    }
+    let md_path = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "md"))
+        .expect("a markdown report");
+    let md = std::fs::read_to_string(&md_path).unwrap();
+    assert!(
+        md.contains("| stock fused ms/token (p90) | stock fused tokens/s | speed-up vs fused |")
+    );
+    assert!(md.contains("## Where the time goes"));
+    let lines = |needle: &str| md.lines().filter(|l| l.contains(needle)).count();
+    // Breakdown rows: ours at 4 points, each stock model at the 3 it was not skipped at.
+    assert_eq!(lines("| ours |"), 4);
+    assert_eq!(lines("| stock |"), 3);
+    assert_eq!(lines("| stock fused |"), 3);
+    assert_eq!(lines("skipped (memory)"), 1);
+    assert!(md_path.with_extension("svg").exists());
+}
