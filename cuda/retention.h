@@ -5,7 +5,10 @@
  *   query (B,S,Hq,Dk) T; key (B,S,Hkv,Dk) T; value (B,S,Hkv,Dv) T; log_gate (B,S,Hkv) f32 or NULL;
  *   state (B,Hkv,D,Dv) f32; sum_of_keys (B,Hkv,D) f32; output (B,S,Hq,Dv) T;
  *   key/value caches (B,C,Hkv,Dk|Dv) T; log-gate cache (B,C,Hkv) f32 or NULL; cache_length (B) i64.
- *   T is PR_DTYPE_F32, PR_DTYPE_F16 or PR_DTYPE_BF16; all arithmetic is float32.
+ *   T is PR_DTYPE_F32, PR_DTYPE_F16 or PR_DTYPE_BF16; arithmetic is float32, except that pr_prefill
+ *   with bf16 inputs and Dk 32/64 runs on tensor cores: bf16 products accumulated in float32, the
+ *   state and the gated values rounded to bf16 where they enter a product (relative ~2e-3 on outputs
+ *   and state, the bf16 tolerance being 2e-2); the state is still accumulated and stored in float32.
  * - deg must be 2. D = Dk(Dk+1)/2, compact upper-triangle layout: row(a,b) = a(2Dk-a+1)/2 + (b-a)
  *   for a <= b, feature x_a*x_b, key-side weight 2 when a < b, query-side weight 1.
  * - Supported: Dk in {32, 64, 128}; Dv a multiple of 4 (prefill) or 8 (decode); Hq a multiple of Hkv; Hq/Hkv <= 32;

@@ -141,6 +141,6 @@ fn bench_reports_stock_fused_and_where_the_time_goes() {
     assert_eq!(lines("| ours |"), 4);
     assert_eq!(lines("| stock |"), 3);
     assert_eq!(lines("| stock fused |"), 3);
-    assert_eq!(lines("skipped (memory)"), 1);
+    assert_eq!(lines("skipped (KV cache"), 1);
     assert!(md_path.with_extension("svg").exists());
 }

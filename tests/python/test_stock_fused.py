@@ -5,7 +5,7 @@ GroupQueryAttention (grouped heads).
 
 Run with the repo's venv: .venv/bin/python -m pytest tests/python
 """
-import sys
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +13,11 @@ import onnxruntime as ort
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "models"))
-import make_lm  # noqa: E402
+# Loaded by path: putting models/ on sys.path would shadow tests/golden/make_fixtures.py with
+# models/make_fixtures.py for the golden tests that import it later in the same session.
+_spec = importlib.util.spec_from_file_location("make_lm", ROOT / "models" / "make_lm.py")
+make_lm = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(make_lm)
 
 CONFIGS = {
     "gqa": make_lm.PRESETS["tiny"],  # 4 query heads over 2 kv heads, gated (the gate is unused by stock)
