@@ -13,6 +13,16 @@ namespace pr {
 
 constexpr float kEps = 1e-7f;  // the retention package's epsilon inside |scale q.k|
 
+// The sizes every prefill kernel reads, taken once from validated PrPrefillParams (r = Hq / Hkv).
+struct PrefillShape {
+  int64_t B, S;
+  int Hq, Hkv, Dv, r;
+};
+
+inline PrefillShape prefill_shape(const PrPrefillParams& p) {
+  return {p.batch, p.seq_len, p.q_heads, p.kv_heads, p.value_dim, p.q_heads / p.kv_heads};
+}
+
 template <typename T>
 __device__ __forceinline__ float to_f32(T x);
 template <>

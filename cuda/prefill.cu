@@ -32,11 +32,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kCols = 4;  // value columns per block
 
-struct PrefillShape {
-  int64_t B, S;
-  int Hq, Hkv, Dv, r;
-};
-
 template <int DK>
 struct PrefillCfg {
   static constexpr int D = DK * (DK + 1) / 2;
@@ -322,7 +317,7 @@ int validate(const PrPrefillParams* params) {
 }
 
 int simt(const PrPrefillParams& p, cudaStream_t s) {
-  const pr::PrefillShape sh{p.batch, p.seq_len, p.q_heads, p.kv_heads, p.value_dim, p.q_heads / p.kv_heads};
+  const pr::PrefillShape sh = pr::prefill_shape(p);
   switch (p.dtype) {
     case PR_DTYPE_F32: return pr::dispatch_dk<float>(p, sh, s);
     case PR_DTYPE_F16: return pr::dispatch_dk<__half>(p, sh, s);

@@ -50,11 +50,6 @@ namespace {
 using bf16 = __nv_bfloat16;
 constexpr int kThreads = 512, kWarps = 16, kC = 64, kCols = 8;
 
-struct Shape {
-  int64_t B, S;
-  int Hq, Hkv, Dv, r;
-};
-
 template <int DK>
 struct Cfg {
   static constexpr int D = DK * (DK + 1) / 2;
@@ -93,7 +88,7 @@ __device__ __forceinline__ float key_weight(int a, int b) { return b > a ? 2.f :
 __device__ __forceinline__ float bf(bf16 x) { return __bfloat162float(x); }
 
 template <int DK>
-__global__ void __launch_bounds__(kThreads, 1) retention_prefill_tc_kernel(const PrPrefillParams p, const Shape sh) {
+__global__ void __launch_bounds__(kThreads, 1) retention_prefill_tc_kernel(const PrPrefillParams p, const PrefillShape sh) {
   using C = Cfg<DK>;
   constexpr int NA = C::NA, MT = C::MT, KP = C::KP, TP = C::TP, NTILES = C::NTILES, D = C::D, NM = C::NM;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -517,7 +512,7 @@ cudaError_t launch(const PrPrefillParams& p, cudaStream_t stream) {
   const cudaError_t e =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Cfg<DK>::bytes));
   if (e != cudaSuccess) return e;
-  const Shape sh{p.batch, p.seq_len, p.q_heads, p.kv_heads, p.value_dim, p.q_heads / p.kv_heads};
+  const PrefillShape sh = prefill_shape(p);
   const dim3 grid(static_cast<unsigned>(p.value_dim / kCols), static_cast<unsigned>(p.kv_heads),
                   static_cast<unsigned>(p.batch));
   kernel<<<grid, kThreads, Cfg<DK>::bytes, stream>>>(p, sh);

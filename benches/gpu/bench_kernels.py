@@ -59,7 +59,6 @@ def prefill_rows():
         c_best = min(pkg, key=lambda c: pkg[c][0])
         t_ours = bench(lambda: prlib.prefill(q, k, v, lg, out, SCALE, None, (nS, ns)), rep=100)
         t_simt = bench(lambda: prlib.prefill(q, k, v, lg, out, SCALE, None, (nS, ns), simt=True), rep=20)
-        assert prlib.prefill(q, k, v, lg, out, SCALE, None, (nS, ns)) == 0  # leave the tensor-core output for err
         qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
             t_sdpa = bench(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True), rep=100)

@@ -292,10 +292,7 @@ impl PowerModel {
                 .run_binding(&state.binding)
                 .context("capture the decode step in a CUDA graph")?;
             for (h, buf) in hosts.iter().zip(state.buffers.iter_mut()) {
-                match &self.copier {
-                    Some(c) => c.upload(h, buf)?,
-                    None => h.upload(buf)?,
-                }
+                self.upload(h, buf)?;
             }
         }
         Ok(state)
@@ -319,24 +316,16 @@ impl PowerModel {
         let io = &self.manifest.decode;
         st.ids_host.data = HostData::I64(tokens.to_vec());
         st.positions_host.data = HostData::I64(st.lengths.clone());
-        match &self.copier {
-            Some(c) => {
-                c.upload(&st.ids_host, &mut st.input_ids)?;
-                if let Some(pos) = st.position_ids.as_mut() {
-                    c.upload(&st.positions_host, pos)?;
-                }
-            }
-            None => {
-                st.ids_host.upload(&mut st.input_ids)?;
-                if let Some(pos) = st.position_ids.as_mut() {
-                    st.positions_host.upload(pos)?;
-                }
-                // Host tensors updated in place: rebinding makes ORT take the new values.
-                st.binding
-                    .bind_input(io.input_ids.as_str(), &st.input_ids)?;
-                if let (Some(name), Some(pos)) = (&io.position_ids, &st.position_ids) {
-                    st.binding.bind_input(name.as_str(), pos)?;
-                }
+        self.upload(&st.ids_host, &mut st.input_ids)?;
+        if let Some(pos) = st.position_ids.as_mut() {
+            self.upload(&st.positions_host, pos)?;
+        }
+        if self.copier.is_none() {
+            // Host tensors updated in place: rebinding makes ORT take the new values.
+            st.binding
+                .bind_input(io.input_ids.as_str(), &st.input_ids)?;
+            if let (Some(name), Some(pos)) = (&io.position_ids, &st.position_ids) {
+                st.binding.bind_input(name.as_str(), pos)?;
             }
         }
         if let Some(name) = &io.attention_mask {
@@ -364,16 +353,7 @@ impl PowerModel {
         for l in st.lengths.iter_mut() {
             *l += 1;
         }
-        let t3 = Instant::now();
-        Ok((
-            rows,
-            StepTimes {
-                inputs: (t1 - t0).as_secs_f64(),
-                run: (t2 - t1).as_secs_f64(),
-                logits: (t3 - t2).as_secs_f64(),
-                sampling: 0.0,
-            },
-        ))
+        Ok((rows, StepTimes::between([t0, t1, t2, Instant::now()])))
     }
 
     /// Decode buffers as after `context` tokens of history: random state values of realistic size
@@ -429,6 +409,14 @@ impl PowerModel {
             times.push(t);
         }
         Ok(times)
+    }
+
+    /// Writes `h` into `buf` in place: a CUDA copy on CUDA, a host write on the CPU.
+    fn upload(&self, h: &Host, buf: &mut DynTensor) -> Result<()> {
+        match &self.copier {
+            Some(c) => c.upload(h, buf),
+            None => h.upload(buf),
+        }
     }
 
     /// A device buffer holding `h` (through `DeviceCopy` on CUDA), or a host tensor.

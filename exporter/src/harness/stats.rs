@@ -38,6 +38,18 @@ pub struct StepTimes {
 }
 
 impl StepTimes {
+    /// From the instants taken before the inputs, the run, the logits copy, and after it
+    /// (`sampling` left at 0: the caller samples).
+    pub fn between(marks: [std::time::Instant; 4]) -> StepTimes {
+        let secs = |i: usize| (marks[i + 1] - marks[i]).as_secs_f64();
+        StepTimes {
+            inputs: secs(0),
+            run: secs(1),
+            logits: secs(2),
+            sampling: 0.0,
+        }
+    }
+
     /// The decode step proper: inputs + run + logits (what `generate` and `bench` report per
     /// token; sampling is reported beside it).
     pub fn step(&self) -> f64 {

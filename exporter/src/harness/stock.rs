@@ -325,16 +325,7 @@ impl StockModel {
                     .with_context(|| format!("output {}", p.present))
             })
             .collect::<Result<_>>()?;
-        Ok((
-            rows,
-            presents,
-            StepTimes {
-                inputs: (t1 - t0).as_secs_f64(),
-                run: (t2 - t1).as_secs_f64(),
-                logits: (t3 - t2).as_secs_f64(),
-                sampling: 0.0,
-            },
-        ))
+        Ok((rows, presents, StepTimes::between([t0, t1, t2, t3])))
     }
 
     /// Writes `host` into `slot`'s buffer, reusing it while the shape stays.
