@@ -1,6 +1,9 @@
 // PowerRetentionStep: one decode step, in place on the present buffers (see retention.h).
 //
-// Three kernels on the caller's stream (fixed grids, no host decisions: CUDA-graph safe):
+// pr_decode validates the parameters, then takes the sm_90 path (decode_sm90.cu: one cluster kernel)
+// on a compute capability 9.0 device where it applies, else this file's portable path, which
+// pr_decode_portable always takes. Portable path: three kernels on the caller's stream (fixed grids,
+// no host decisions: CUDA-graph safe):
 //
 // retention_decode_step_kernel — grid (Dv/W, Hkv, B), 256 threads, W = 8 value columns (one 32-byte
 //   sector of a state row), or 32 when S r = 1 and the grid still has >= 1024 blocks (fewer blocks
@@ -21,14 +24,14 @@
 //   sum_of_keys[b, h, :] (thread owns rows tid + 256 k; keys staged in shared memory per tile) or
 //   appends the new keys/values/gates of head h at cache slots [L, L+S), which no block of this
 //   launch reads. Reads cache_length only.
-// retention_decode_length_kernel — one thread per sequence writes cache_length[b] (0 after a fold,
-//   else L + S); it runs after every reader of the old length on the stream.
+// retention_decode_length_kernel (decode_common.cuh) — one thread per sequence writes
+//   cache_length[b] (0 after a fold, else L + S) once the keys kernel's blocks have exited.
 //
 // Every kernel reads cache_length[b] and skips the sequence (the step kernel writes NaN outputs;
 // nothing else is written) when it lies outside [0, C].
 #include <math.h>
 
-#include "common.cuh"
+#include "decode_common.cuh"
 
 namespace pr {
 namespace {
@@ -37,54 +40,6 @@ constexpr int kStepThreads = 256;
 constexpr int kFinishThreads = 256;
 constexpr int kMinCols = 8;  // value columns per step block: >= 32 bytes of a state row, one sector
 constexpr int kFoldTile = 64;
-
-struct DecodeShape {
-  int64_t B, S, C;
-  int Hq, Hkv, Dv, r;
-};
-
-// Cumulative window gates G[0..n) into g (shared, n floats), by the whole block.
-template <int NT>
-__device__ void window_gate_cumsum(const PrDecodeParams& p, const DecodeShape& sh, int b, int h,
-                                   int64_t L, int64_t n, float* g, float* scratch) {
-  float carry = 0.f;
-  for (int64_t base = 0; base < n; base += NT) {
-    const int64_t j = base + threadIdx.x;
-    float x = 0.f;
-    if (p.log_gate != nullptr && j < n) {
-      x = j < L ? p.log_gate_cache[(b * sh.C + j) * sh.Hkv + h]
-                : p.log_gate[(b * sh.S + (j - L)) * sh.Hkv + h];
-    }
-    float total;
-    const float incl = block_inclusive_scan<NT>(x, scratch, &total);
-    if (j < n) g[j] = carry + incl;
-    carry += total;
-  }
-  __syncthreads();
-}
-
-template <typename T>
-__device__ __forceinline__ const T* window_key(const PrDecodeParams& p, const DecodeShape& sh, int b,
-                                               int h, int64_t L, int64_t j, int dk) {
-  return j < L ? static_cast<const T*>(p.key_cache) + ((b * sh.C + j) * sh.Hkv + h) * dk
-               : static_cast<const T*>(p.key) + ((b * sh.S + (j - L)) * sh.Hkv + h) * dk;
-}
-
-template <typename T>
-__device__ __forceinline__ const T* window_value(const PrDecodeParams& p, const DecodeShape& sh, int b,
-                                                 int h, int64_t L, int64_t j) {
-  return j < L ? static_cast<const T*>(p.value_cache) + ((b * sh.C + j) * sh.Hkv + h) * sh.Dv
-               : static_cast<const T*>(p.value) + ((b * sh.S + (j - L)) * sh.Hkv + h) * sh.Dv;
-}
-
-// Programmatic dependent launch (sm_90+): the next kernel of the step may start its prologue while
-// the previous one drains; it waits (griddepcontrol.wait) before touching what that one writes.
-__device__ __forceinline__ void wait_for_previous_kernel() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
 
 template <typename T, int DK, int QG, int W>
 __global__ void __launch_bounds__(kStepThreads) retention_decode_step_kernel(const PrDecodeParams p, DecodeShape sh) {
@@ -367,31 +322,6 @@ __global__ void __launch_bounds__(kFinishThreads) retention_decode_keys_kernel(c
   }
 }
 
-__global__ void retention_decode_length_kernel(const PrDecodeParams p, DecodeShape sh) {
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  wait_for_previous_kernel();
-  if (b >= sh.B) return;
-  const int64_t L = p.cache_length[b];
-  if (L < 0 || L > sh.C) return;
-  p.cache_length[b] = L + sh.S >= sh.C ? 0 : L + sh.S;
-}
-
-template <typename Kernel>
-cudaError_t launch_dependent(Kernel kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t stream, bool pdl,
-                             const PrDecodeParams& p, const DecodeShape& sh) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, kernel, p, sh);
-}
-
 template <typename T, int DK, int QG, int W>
 cudaError_t launch_decode(const PrDecodeParams& p, const DecodeShape& sh, cudaStream_t stream, bool pdl) {
   const size_t gate_bytes = static_cast<size_t>(2 * sh.C) * sizeof(float);
@@ -442,31 +372,49 @@ cudaError_t dispatch_dk(const PrDecodeParams& p, const DecodeShape& sh, cudaStre
 }  // namespace
 }  // namespace pr
 
-extern "C" int pr_decode(const PrDecodeParams* params, void* stream) {
+namespace pr {
+namespace {
+
+// Shared by pr_decode and pr_decode_portable: validation, then the sm_90 cluster kernel where it
+// applies (and is allowed), else the portable three-kernel path.
+int decode_entry(const PrDecodeParams* params, void* stream, bool allow_sm90) {
   if (params == nullptr) return cudaErrorInvalidValue;
   const PrDecodeParams& p = *params;
   if (p.deg != 2 || p.batch < 0 || p.batch > 65535 || p.new_tokens < 1 || p.cache_capacity < 1 ||
       p.new_tokens > p.cache_capacity || p.cache_capacity > 8192 || p.q_heads < 1 || p.kv_heads < 1 ||
-      p.kv_heads > 65535 || p.q_heads % p.kv_heads != 0 || p.q_heads / p.kv_heads > 32 || p.value_dim < pr::kMinCols ||
-      p.value_dim % pr::kMinCols != 0 || (p.log_gate == nullptr) != (p.log_gate_cache == nullptr) ||
+      p.kv_heads > 65535 || p.q_heads % p.kv_heads != 0 || p.q_heads / p.kv_heads > 32 || p.value_dim < kMinCols ||
+      p.value_dim % kMinCols != 0 || (p.log_gate == nullptr) != (p.log_gate_cache == nullptr) ||
       !isfinite(p.scale))
     return cudaErrorInvalidValue;
   if (p.query == nullptr || p.key == nullptr || p.value == nullptr || p.output == nullptr || p.state == nullptr ||
       p.sum_of_keys == nullptr || p.key_cache == nullptr || p.value_cache == nullptr || p.cache_length == nullptr)
     return cudaErrorInvalidValue;
   if (p.batch == 0) return cudaSuccess;
-  const pr::DecodeShape sh{p.batch, p.new_tokens, p.cache_capacity, p.q_heads, p.kv_heads, p.value_dim,
-                           p.q_heads / p.kv_heads};
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  int device = 0, major = 0;
+  int device = 0, major = 0, minor = 0;
   cudaError_t e = cudaGetDevice(&device);
   if (e == cudaSuccess) e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
   if (e != cudaSuccess) return e;
-  const bool pdl = major >= 9;
+  // griddepcontrol (and clusters) are compiled only into the sm_90a code: a device that runs the
+  // compute_80 PTX instead must not get programmatic launches, whose waits would be missing there.
+  const bool sm90 = major == 9 && minor == 0;
+  if (allow_sm90 && sm90 && decode_sm90_supports(p)) return decode_sm90(p, s);
+  const DecodeShape sh{p.batch, p.new_tokens, p.cache_capacity, p.q_heads, p.kv_heads, p.value_dim,
+                       p.q_heads / p.kv_heads};
   switch (p.dtype) {
-    case PR_DTYPE_F32: return pr::dispatch_dk<float>(p, sh, s, pdl);
-    case PR_DTYPE_F16: return pr::dispatch_dk<__half>(p, sh, s, pdl);
-    case PR_DTYPE_BF16: return pr::dispatch_dk<__nv_bfloat16>(p, sh, s, pdl);
+    case PR_DTYPE_F32: return dispatch_dk<float>(p, sh, s, sm90);
+    case PR_DTYPE_F16: return dispatch_dk<__half>(p, sh, s, sm90);
+    case PR_DTYPE_BF16: return dispatch_dk<__nv_bfloat16>(p, sh, s, sm90);
     default: return cudaErrorInvalidValue;
   }
+}
+
+}  // namespace
+}  // namespace pr
+
+extern "C" int pr_decode(const PrDecodeParams* params, void* stream) { return pr::decode_entry(params, stream, true); }
+
+extern "C" int pr_decode_portable(const PrDecodeParams* params, void* stream) {
+  return pr::decode_entry(params, stream, false);
 }

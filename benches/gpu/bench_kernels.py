@@ -1,7 +1,7 @@
 """Times pr_prefill / pr_decode against the `retention` package (Triton) and torch SDPA flash.
 
 bf16, B=1, H=16 (Hq = Hkv), Dk = Dv = 64, deg 2, gated. Run on the GPU machine:
-  python3 benches/gpu/bench_kernels.py [--quick]
+  python3 benches/gpu/bench_kernels.py [--quick] [--decode-only]
 Correctness is checked before timing (our output vs the package's, ||err||/||ref||). Times are medians
 of CUDA-event-timed repetitions (triton.testing.do_bench, L2 flushed between repetitions for the
 single-call timings). Prints one table per op.
@@ -92,20 +92,24 @@ def decode_rows():
             out = torch.empty(B, 1, H, DV, device=dev, dtype=torch.bfloat16)
             lay.append((st, ss, kc, vc, lgc, cl, out))
 
-        def step():
-            for (st, ss, kc, vc, lgc, cl, out) in lay:
-                prlib.decode(q, k, v, lg, out, SCALE, st, ss, kc, vc, lgc, cl)
+        def stepper(portable):
+            def step():
+                for (st, ss, kc, vc, lgc, cl, out) in lay:
+                    prlib.decode(q, k, v, lg, out, SCALE, st, ss, kc, vc, lgc, cl, portable=portable)
+            return step
 
-        for _ in range(C + 3):
-            step()
-        torch.cuda.synchronize()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.stream(s):
-            with torch.cuda.graph(g, stream=s):
+        def graph_of(step):
+            for _ in range(C + 3):
                 step()
-        torch.cuda.synchronize()
+            torch.cuda.synchronize()
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.stream(s):
+                with torch.cuda.graph(g, stream=s):
+                    step()
+            torch.cuda.synchronize()
+            return g
 
         def timed(run):
             nof, fold = [], []
@@ -125,8 +129,20 @@ def decode_rows():
                 fold.append(e1.elapsed_time(e2) / layers)
             return sorted(nof)[len(nof) // 2] * 1e3, sorted(fold)[len(fold) // 2] * 1e3  # us per layer
 
+        step, step_port = stepper(False), stepper(True)
+        g, g_port = graph_of(step), graph_of(step_port)
+        # both paths agree on one step from the same state (outputs of every layer)
+        snap = [tuple(t.clone() for t in L) for L in lay]
+        step()
+        out_new = [L[6].clone() for L in lay]
+        for L, S0 in zip(lay, snap):
+            for t, t0 in zip(L, S0):
+                t.copy_(t0)
+        step_port()
+        agree = max(rel(a, L[6]) for a, L in zip(out_new, lay))
         eager_nf, eager_f = timed(step)
         graph_nf, graph_f = timed(g.replay)
+        port_nf, port_f = timed(g_port.replay)
         # the package: one step of power_retention_inference on a 32-token window, bf16 tiled state
         Dt = 256 * ((DK // 16) * (DK // 16 + 1) // 2)
         pst = torch.randn(B, H, Dt, DV, device=dev).to(torch.bfloat16) * 0.01
@@ -138,20 +154,23 @@ def decode_rows():
         f()
         t_pkg = bench(f, rep=200) * 1e3
         state_bytes = B * H * (D * DV + D) * 4
-        rows.append((B, layers, eager_nf, graph_nf, eager_f, graph_f, t_pkg, state_bytes))
+        rows.append((B, layers, eager_nf, graph_nf, eager_f, graph_f, t_pkg, state_bytes, port_nf, port_f, agree))
     print(f"\nDECODE  bf16 H=16 D=64 deg=2 gated, C=64, one new token; per layer, state rotated over N layers "
           f"(mean window 31 tokens; fold = the step that folds 64 tokens)")
-    print(f"{'shape':<14}{'layers':>7}{'eager us':>9}{'graph us':>9}{'fold eag':>9}{'fold grf':>9}{'pkg us':>9}"
-          f"{'pkg/ours':>9}{'bar us':>7}{'GB/s':>7}{'%3.35T':>7}{'%3.0T':>6}")
-    for B, layers, enf, gnf, ef, gf, tp, sb in rows:
+    print("(graph/eager/fold: pr_decode, the sm_90 cluster kernel on an H100; port: pr_decode_portable, the "
+          "three-kernel path, graph; agree: ||out - out_port|| / ||out_port|| of one step from the same state)")
+    print(f"{'shape':<14}{'layers':>7}{'eager us':>9}{'graph us':>9}{'port us':>9}{'fold grf':>9}{'fold prt':>9}"
+          f"{'pkg us':>9}{'pkg/ours':>9}{'bar us':>7}{'GB/s':>7}{'%3.35T':>7}{'%3.0T':>6}{'agree':>9}")
+    for B, layers, enf, gnf, ef, gf, tp, sb, pnf, pf, agree in rows:
         bar = 10.0 if B == 1 else 180.0
         best = min(enf, gnf)
         gbs = sb / (best * 1e-6) / 1e9
-        print(f"{f'B{B}_H16_D64':<14}{layers:>7}{enf:>9.2f}{gnf:>9.2f}{ef:>9.2f}{gf:>9.2f}{tp:>9.1f}{tp / best:>9.1f}"
-              f"{bar:>7.0f}{gbs:>7.0f}{100 * gbs * 1e9 / BW_NOMINAL:>7.1f}{100 * gbs * 1e9 / BW_MEASURED:>6.1f}")
+        print(f"{f'B{B}_H16_D64':<14}{layers:>7}{enf:>9.2f}{gnf:>9.2f}{pnf:>9.2f}{gf:>9.2f}{pf:>9.2f}{tp:>9.1f}{tp / best:>9.1f}"
+              f"{bar:>7.0f}{gbs:>7.0f}{100 * gbs * 1e9 / BW_NOMINAL:>7.1f}{100 * gbs * 1e9 / BW_MEASURED:>6.1f}{agree:>9.1e}")
 
 
 if __name__ == "__main__":
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
     decode_rows()
-    prefill_rows()
+    if "--decode-only" not in sys.argv:
+        prefill_rows()
