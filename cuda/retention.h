@@ -79,10 +79,7 @@ typedef struct {
  * Invalid length: if cache_length[b] is outside [0, C], that sequence's outputs are set to NaN and
  * its state, sum of keys, caches and length are left untouched (nothing is read out of bounds).
  * log_gate and log_gate_cache are both NULL (no gating) or both given.
- * On a compute capability 9.0 device with Dk 32/64/128 and Dv/4 a power of two <= 32, one cluster
- * kernel (query, append or fold) and a length kernel that overlaps it are enqueued
- * (decode_sm90.cu); otherwise three kernels (query + state fold; sum-of-keys fold or cache append;
- * length; decode.cu). */
+ * Two kernels are enqueued (query, state fold or cache append; length and sum-of-keys fold). */
 typedef struct {
   int64_t batch;           /* B */
   int64_t new_tokens;      /* S, 1 <= S <= C */
@@ -114,10 +111,6 @@ uint64_t pr_prefill_workspace_bytes(const PrPrefillParams* params);
 /* Returns a cudaError_t: 0 on success, cudaErrorInvalidValue (1) for unsupported parameters. */
 int pr_prefill(const PrPrefillParams* params, void* stream);
 int pr_decode(const PrDecodeParams* params, void* stream);
-
-/* pr_decode always on the portable three-kernel path (any CUDA device), never the sm_90 cluster
- * kernel: for tests and side-by-side benchmarks. */
-int pr_decode_portable(const PrDecodeParams* params, void* stream);
 
 /* pr_prefill always on the general float32 SIMT kernel (every dtype and Dk), never the tensor-core
  * one that pr_prefill picks for bf16 with Dk 32/64: for tests and side-by-side benchmarks. */

@@ -38,8 +38,6 @@ lib.pr_prefill_simt.argtypes = [ctypes.POINTER(PrPrefillParams), c_ptr]
 lib.pr_prefill_simt.restype = ctypes.c_int
 lib.pr_decode.argtypes = [ctypes.POINTER(PrDecodeParams), c_ptr]
 lib.pr_decode.restype = ctypes.c_int
-lib.pr_decode_portable.argtypes = [ctypes.POINTER(PrDecodeParams), c_ptr]
-lib.pr_decode_portable.restype = ctypes.c_int
 lib.pr_abi_layout.argtypes = [ctypes.POINTER(c_u64), c_i32]
 lib.pr_abi_layout.restype = c_i32
 
@@ -83,7 +81,6 @@ def decode_params(q, k, v, lg, out, scale, state, ssum, kc, vc, lgc, clen):
                           _p(out), _p(state), _p(ssum), _p(kc), _p(vc), _p(lgc), _p(clen))
 
 
-def decode(*args, portable=False):
-    """pr_decode (the sm_90 cluster kernel where it applies), or the three-kernel path with portable=True."""
+def decode(*args):
     prm = decode_params(*args)
-    return (lib.pr_decode_portable if portable else lib.pr_decode)(ctypes.byref(prm), stream_handle())
+    return lib.pr_decode(ctypes.byref(prm), stream_handle())

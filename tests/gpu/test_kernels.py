@@ -134,7 +134,7 @@ def check_prefill(B, S, Hq, Hkv, Dk, Dv, dtype, gated, past, gen, simt=False):
     record("prefill state" + tag, dtype, es, tol=1e-4 if dtype == torch.float32 else TOL[dtype])
 
 
-def check_decode(B, Snew, Hq, Hkv, Dk, Dv, C, dtype, gated, lengths, gen, portable=False):
+def check_decode(B, Snew, Hq, Hkv, Dk, Dv, C, dtype, gated, lengths, gen):
     D = Dk * (Dk + 1) // 2
     scale = 1.0 / math.sqrt(Dk)
     q, k, v, lg = rand_inputs(B, Snew, Hq, Hkv, Dk, Dv, dtype, gated, gen)
@@ -145,7 +145,7 @@ def check_decode(B, Snew, Hq, Hkv, Dk, Dv, C, dtype, gated, lengths, gen, portab
     lgc0 = None if lgc is None else lgc.clone()
     clen = torch.tensor(lengths, device=dev, dtype=torch.int64)
     out = torch.full((B, Snew, Hq, Dv), float("nan"), device=dev, dtype=dtype)
-    rc = prlib.decode(q, k, v, lg, out, scale, state, ssum, kc, vc, lgc, clen, portable=portable)
+    rc = prlib.decode(q, k, v, lg, out, scale, state, ssum, kc, vc, lgc, clen)
     torch.cuda.synchronize()
     assert rc == 0, rc
     eo = es = 0.0
@@ -172,13 +172,12 @@ def check_decode(B, Snew, Hq, Hkv, Dk, Dv, C, dtype, gated, lengths, gen, portab
             ok_meta &= torch.equal(kc[b, L:n], k[b]) and torch.equal(vc[b, L:n], v[b]) and torch.equal(kc[b, :L], kc0[b, :L])
             if lg is not None:
                 ok_meta &= torch.equal(lgc[b, L:n], lg[b])
-    tag = " (portable)" if portable else ""
-    record("decode out" + tag, dtype, eo)
-    record("decode state" + tag, dtype, es, tol=1e-4 if dtype == torch.float32 else TOL[dtype])
-    record("decode cache/len" + tag, dtype, 0.0 if ok_meta else 1.0, tol=0.5)
+    record("decode out", dtype, eo)
+    record("decode state", dtype, es, tol=1e-4 if dtype == torch.float32 else TOL[dtype])
+    record("decode cache/len", dtype, 0.0 if ok_meta else 1.0, tol=0.5)
 
 
-def check_continuation(dtype, gated, gen, S1=37, S2=32, C=16, B=2, Hq=4, Hkv=2, Dk=64, Dv=64, portable=False):
+def check_continuation(dtype, gated, gen, S1=37, S2=32, C=16, B=2, Hq=4, Hkv=2, Dk=64, Dv=64):
     """prefill(S1+S2) == prefill(S1) then S2 single-token steps (outputs and, after the last fold, state)."""
     D = Dk * (Dk + 1) // 2
     scale = 1.0 / math.sqrt(Dk)
@@ -200,16 +199,15 @@ def check_continuation(dtype, gated, gen, S1=37, S2=32, C=16, B=2, Hq=4, Hkv=2, 
     for t in range(S1, S1 + S2):
         o = torch.full((B, 1, Hq, Dv), float("nan"), device=dev, dtype=dtype)
         assert prlib.decode(sl(q, t, t + 1), sl(k, t, t + 1), sl(v, t, t + 1), sl(lg, t, t + 1), o, scale,
-                            state, ssum, kc, vc, lgc, clen, portable=portable) == 0
+                            state, ssum, kc, vc, lgc, clen) == 0
         steps.append(o)
     torch.cuda.synchronize()
     stepped = torch.cat(steps, 1).double()
     e_out = rel(stepped, full[:, S1:].double())
     e_head = rel(head, full[:, :S1].double())
     e_state = max(rel(state, fS.double()), rel(ssum, fs.double()))
-    tag = " (portable)" if portable else ""
-    record("prefill==prefill+steps" + tag, dtype, max(e_out, e_head, e_state))
-    record("steps empty cache" + tag, dtype, 0.0 if int(clen.max()) == 0 else 1.0, tol=0.5)
+    record("prefill==prefill+steps", dtype, max(e_out, e_head, e_state))
+    record("steps empty cache", dtype, 0.0 if int(clen.max()) == 0 else 1.0, tol=0.5)
 
 
 def main(small):
@@ -235,26 +233,24 @@ def main(small):
                 if dtype == torch.bfloat16 and Dk <= 64:  # the tensor-core kernel ran: check the other too
                     check_prefill(B, S, Hq, Hkv, Dk, Dv, dtype, gated, past, gen, simt=True)
     caps = [16] if small else [1, 16, 64]
-    # Dv 8 and 128 with Dk 64: the sm_90 kernel's narrowest and widest rows; Dv 96: it does not
-    # apply (Dv/4 not a power of two) and pr_decode takes the portable path.
+    # Dv 8 and 128 (with Dk 64 too), Dk 32 with Dv 96 (12 column blocks), GQA.
     heads = [(4, 2, 32, 32)] if small else [(4, 4, 64, 64), (8, 2, 64, 64), (2, 1, 32, 64), (2, 2, 128, 128),
                                              (4, 2, 32, 8), (2, 2, 64, 128), (2, 1, 32, 96)]
-    for portable in (False, True):
-        for dtype in dtypes:
-            for C in caps:
-                for Snew in sorted({1, min(3, C)}):
-                    for (Hq, Hkv, Dk, Dv) in heads:
-                        for gated in ((True,) if small else (False, True)):
-                            lengths = sorted({0, C // 2, C - Snew, C - 1, C} & set(range(0, C + 1)))
-                            check_decode(len(lengths), Snew, Hq, Hkv, Dk, Dv, C, dtype, gated, lengths, gen, portable)
-            check_decode(3, 1, 4, 4, 32, 32, 8, dtype, True, [-1, 3, 9], gen, portable)  # invalid -> NaN, untouched
-            if not small:  # large grids: the portable 32-column blocks (B Hkv Dv/32 >= 1024), one block per head
-                check_decode(64, 1, 16, 16, 64, 64, 16, dtype, True, [i % 17 for i in range(64)], gen, portable)
-                check_decode(2, 5, 32, 4, 64, 64, 300, dtype, True, [0, 296], gen, portable)  # GQA r 8, 2 groups, long window
-                for B in (25, 40):  # 100 and 160 (b, h) pairs: clusters of 4 and 2 blocks on a 132-SM H100
-                    check_decode(B, 1, 4, 4, 64, 64, 16, dtype, True, [i % 17 for i in range(B)], gen, portable)
-            for gated in ((True,) if small else (False, True)):
-                check_continuation(dtype, gated, gen, S2=(16 if small else 32), portable=portable)
+    for dtype in dtypes:
+        for C in caps:
+            for Snew in sorted({1, min(3, C)}):
+                for (Hq, Hkv, Dk, Dv) in heads:
+                    for gated in ((True,) if small else (False, True)):
+                        lengths = sorted({0, C // 2, C - Snew, C - 1, C} & set(range(0, C + 1)))
+                        check_decode(len(lengths), Snew, Hq, Hkv, Dk, Dv, C, dtype, gated, lengths, gen)
+        check_decode(3, 1, 4, 4, 32, 32, 8, dtype, True, [-1, 3, 9], gen)  # invalid lengths -> NaN, untouched
+        if not small:
+            # a grid large enough for the 32-column blocks (B Hkv Dv/32 >= 1024)
+            check_decode(64, 1, 16, 16, 64, 64, 16, dtype, True, [i % 17 for i in range(64)], gen)
+            # GQA r 8: 10 groups of 4 queries; a window (C 300) longer than one pass of the gate scan
+            check_decode(2, 5, 32, 4, 64, 64, 300, dtype, True, [0, 296], gen)
+        for gated in ((True,) if small else (False, True)):
+            check_continuation(dtype, gated, gen, S2=(16 if small else 32))
     torch.cuda.synchronize()
     print(f"\n{'check':<34}{'dtype':<6}{'cases':>6}{'worst':>11}{'tol':>9}  result")
     bad = 0
