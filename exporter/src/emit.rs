@@ -123,7 +123,7 @@ pub fn emit(model: &ModelProto, blocks: &[Block], opts: &Options) -> Result<Emit
     }
     let (prefill, _) = build(model, blocks, opts, Phase::Prefill)?;
     let (decode, wiring) = build(model, blocks, opts, Phase::Decode)?;
-    let manifest = manifest(model, blocks, opts, wiring.state)?;
+    let manifest = manifest(&prefill, &decode, blocks, opts, wiring.state)?;
     Ok(Emitted {
         prefill,
         decode,
@@ -204,6 +204,9 @@ fn build(
         g.node.extend(vb.nodes);
         g.initializer.extend(vb.inits);
         dead_code_elimination(g);
+    }
+    if phase == Phase::Decode && opts.target == Target::PowerRetention {
+        drop_unread_mask(g);
     }
     topological_sort(g)?;
     if opts.target == Target::PowerRetention {
@@ -725,6 +728,18 @@ fn reread_mask_shapes(g: &mut GraphProto) {
     }
 }
 
+/// The decode model's `attention_mask` spans the whole history, so its shape grows every step,
+/// which rules out CUDA-graph replay. Once attention is rewritten nothing may read it any more (the
+/// ops have no padding mask); then the input goes. The prefill model keeps it, so callers that feed
+/// the original inputs still can.
+fn drop_unread_mask(g: &mut GraphProto) {
+    let read = g.node.iter().any(|n| reads(n, "attention_mask"))
+        || g.output.iter().any(|o| o.name == "attention_mask");
+    if !read {
+        g.input.retain(|v| v.name != "attention_mask");
+    }
+}
+
 fn elem_size(elem: i32) -> usize {
     match elem {
         dtype::FLOAT | dtype::INT32 => 4,
@@ -1157,7 +1172,8 @@ fn model_io(model: &ModelProto, file: &str) -> Result<ModelIo> {
 
 /// `retention.json`: the harness's [`Manifest`] plus what was rewritten.
 fn manifest(
-    model: &ModelProto,
+    prefill: &ModelProto,
+    decode: &ModelProto,
     blocks: &[Block],
     opts: &Options,
     state: Vec<StateTensor>,
@@ -1168,8 +1184,8 @@ fn manifest(
         deg: opts.deg,
         chunk_size: opts.chunk_size,
         cache_capacity: opts.cache_capacity,
-        prefill: model_io(model, "prefill.onnx")?,
-        decode: model_io(model, "decode.onnx")?,
+        prefill: model_io(prefill, "prefill.onnx")?,
+        decode: model_io(decode, "decode.onnx")?,
         state,
     };
     let layers: Vec<Value> = blocks

@@ -129,3 +129,62 @@ fn a_multi_token_decode_step_matches_prefill() {
         assert!(err <= f.tolerance(), "{}: rel err {err:.2e}", f.name);
     }
 }
+
+/// The decode model's history-long `attention_mask` would change shape every step (no CUDA-graph
+/// replay); nothing reads it once attention is rewritten, so it goes from the decode model (and the
+/// manifest), while the prefill model keeps the original inputs.
+#[test]
+fn decode_models_drop_the_unread_attention_mask_and_prefill_keeps_it() {
+    let mut checked = 0;
+    for f in rewritable() {
+        let original = load_model(&f.model());
+        if !original
+            .graph
+            .input
+            .iter()
+            .any(|i| i.name == "attention_mask")
+        {
+            continue;
+        }
+        let dir = scratch("pr_mask", &f.name);
+        rewrite(&f, &dir, &[]);
+        let names = |file: &str| -> Vec<String> {
+            load_model(&dir.join(file))
+                .graph
+                .input
+                .iter()
+                .map(|i| i.name.clone())
+                .collect()
+        };
+        let decode = load_model(&dir.join("decode.onnx"));
+        let read = decode
+            .graph
+            .node
+            .iter()
+            .any(|n| n.input.iter().any(|i| i == "attention_mask"));
+        let manifest: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("retention.json")).expect("manifest"),
+        )
+        .expect("manifest json");
+        assert!(
+            names("prefill.onnx").iter().any(|n| n == "attention_mask"),
+            "{}: prefill lost attention_mask",
+            f.name
+        );
+        assert_eq!(
+            names("decode.onnx").iter().any(|n| n == "attention_mask"),
+            read,
+            "{}: decode keeps attention_mask iff a node reads it",
+            f.name
+        );
+        assert_eq!(
+            manifest["decode"]["attention_mask"].is_null(),
+            !read,
+            "{}: manifest {}",
+            f.name,
+            manifest["decode"]
+        );
+        checked += usize::from(!read);
+    }
+    assert!(checked >= 5, "only {checked} fixtures had an unread mask");
+}
