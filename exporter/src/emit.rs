@@ -639,8 +639,20 @@ fn virtual_past(
         vec![attr_int_plain("axis", 0)],
         0,
     );
+    // Readers that slice the shape without its past-length entry (the dynamo exporter takes the
+    // batch as `Shape(past)[0:1]`) get a placeholder there, so the decode model need not read
+    // `attention_mask` for them.
+    let needs_past = g.node.iter().any(|n| {
+        if n.op_type == "Shape" && n.input.first().is_some_and(|i| i == name) {
+            let (start, end) = shape_slice(n, dims.len() as i64);
+            start <= 2 && 2 < end
+        } else {
+            reads(n, name)
+        }
+    });
     let past = match phase {
         Phase::Prefill => b.const_i64(&[0], true),
+        Phase::Decode if !needs_past => b.const_i64(&[0], true),
         Phase::Decode => {
             if !g.input.iter().any(|v| v.name == "attention_mask") {
                 bail!("'{name}' is still read after the rewrite and the model has no attention_mask to derive the past length from");
@@ -702,6 +714,14 @@ fn virtual_past(
         vec![value],
     );
     Ok(())
+}
+
+/// The `[start, end)` a `Shape` node takes of a rank-`rank` input, as ONNX normalises it.
+fn shape_slice(n: &NodeProto, rank: i64) -> (i64, i64) {
+    let norm = |v: i64| if v < 0 { v + rank } else { v }.clamp(0, rank);
+    let start = crate::graph::attr_i(n, "start").unwrap_or(0);
+    let end = crate::graph::attr_i(n, "end").unwrap_or(rank);
+    (norm(start), norm(end))
 }
 
 /// A cache-less export has `attention_mask` as long as `input_ids`, and the dynamo exporter reads
