@@ -160,6 +160,10 @@ FIXTURES = {
     "gpt2_ts17_sdpa_kv": ("gpt2", "sdpa", True, torch.float32, 17),
     "gpt2_dynamo20_sdpa": ("gpt2", "sdpa", False, torch.float32, 20),
     "llama_dynamo20_sdpa_kv": ("llama", "sdpa", True, torch.float32, 20),
+    # GPT-2 with its cache as `models/make_hf_lm.py` exports it for the decode benchmark: dynamo at
+    # opset 20 (unfused), and at opset 23 (ONNX `Attention` over the concatenated cache).
+    "gpt2_dynamo20_sdpa_kv": ("gpt2", "sdpa", True, torch.float32, 20),
+    "gpt2_dynamo23_sdpa_kv": ("gpt2", "sdpa", True, torch.float32, 23),
     "llama_dynamo23_sdpa": ("llama", "sdpa", False, torch.float32, 23),
     "nanogpt_ts17_noflash": ("classic", "masked_fill", False, torch.float32, 17),
     "nanogpt_ts17_flash": ("classic", "flash", False, torch.float32, 17),

@@ -11,9 +11,13 @@
 #   lm        a GPT-2-small-shaped model (models/make_lm.py) through `power-retention generate` and
 #             `power-retention bench` against the same model with stock attention and a KV cache,
 #             as built and with ONNX Runtime's fused attention op (stock_fused.onnx)
+#   lmhf      the same on a transformers GPT-2 (GPT-2-small, fp16, random weights) exported with
+#             torch.onnx (models/make_hf_lm.py) and rewritten by `power-retention rewrite`: generate
+#             (equal-work check, with and without CUDA graph) and bench against the export as it is,
+#             after ORT's transformer optimizer, and exported at opset 23 with ONNX's Attention op
 #   kernelsum scripts/kernel-sum.sh: the summed kernel time of one decode step of that model (ncu),
 #             against generate's per-token latency with a CUDA graph
-# Usage: scripts/gpu-check.sh [kernels|sanitize|ort|bench|lm|kernelsum|all]...   (default all; logs in $OUT or /tmp)
+# Usage: scripts/gpu-check.sh [kernels|sanitize|ort|bench|lm|lmhf|kernelsum|all]...   (default all; logs in $OUT or /tmp)
 # Ends with one summary table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -63,7 +67,7 @@ if want lm; then
     echo "generate rc $?" >> "$log/lm.log"
     .carry/bin/power-retention generate /tmp/lm --device cuda --cuda-graph --new-tokens 48 --prompt-lengths 40,100,7,300 > "$log/lm-graph.log" 2>&1
     echo "generate rc $?" >> "$log/lm-graph.log"
-    .carry/bin/power-retention bench /tmp/lm --stock /tmp/lm/stock.onnx --stock-fused /tmp/lm/stock_fused.onnx --device cuda ${LM_GRAPH:-} \
+    .carry/bin/power-retention bench /tmp/lm --stock /tmp/lm/stock.onnx --baseline "stock fused=/tmp/lm/stock_fused.onnx" --device cuda ${LM_GRAPH:-} \
       --contexts ${LM_CONTEXTS:-1024,4096,16384,32768,65536,131072} --batches 1,8 --steps ${LM_STEPS:-30} \
       --max-cache-gib 24 --out "$log/results" --device-name "$gpu" >> "$log/lm.log" 2>&1
     echo "bench rc $?" >> "$log/lm.log"
@@ -71,6 +75,28 @@ if want lm; then
   record "LM generate (GPT-2-small shape, fp16)" "$(grep -q 'generate rc 0' "$log/lm.log" && echo pass || echo FAIL)" "$(grep -E 'per-token|per-step|equal-work' "$log/lm.log" | head -n 3 | tr '\n' ' ')"
   record "LM generate, CUDA graph" "$(grep -q 'generate rc 0' "$log/lm-graph.log" && echo pass || echo FAIL)" "$(grep -E 'per-token|per-step|equal-work|Error|error' "$log/lm-graph.log" | head -n 3 | tr '\n' ' ')"
   record "LM bench vs stock attention" "$(grep -q 'bench rc 0' "$log/lm.log" && echo done || echo FAIL)" "$(ls "$log"/results/*.md 2>/dev/null | head -n 1)"
+fi
+if want lmhf; then
+  (
+    source /tmp/ortgpu/env.sh || exit 3
+    hf=/tmp/hf
+    mk() { python3 models/make_hf_lm.py "$@" --preset gpt2-small --dtype float16 --max-pos 140000 --device cuda; }
+    { mk $hf --ort-optimize && mk $hf/opset23 --opset 23; } > "$log/lmhf.log" 2>&1
+    echo "export rc $?" >> "$log/lmhf.log"
+    .carry/bin/power-retention rewrite $hf/stock.onnx -o $hf >> "$log/lmhf.log" 2>&1
+    for g in "" --cuda-graph; do
+      .carry/bin/power-retention generate $hf --device cuda $g --new-tokens 48 --prompt-lengths 40,100,7,300 >> "$log/lmhf.log" 2>&1
+      echo "generate${g:+ graph} rc $?" >> "$log/lmhf.log"
+    done
+    .carry/bin/power-retention bench $hf --stock $hf/stock.onnx --baseline "ORT-optimized=$hf/stock_opt.onnx" \
+      --baseline "ONNX Attention op=$hf/opset23/stock.onnx" --device cuda --cuda-graph \
+      --contexts ${LM_CONTEXTS:-1024,4096,16384,32768,65536,131072} --batches 1,8 --steps ${LM_STEPS:-30} \
+      --max-cache-gib 24 --out "$log/results-hf" --device-name "$gpu" >> "$log/lmhf.log" 2>&1
+    echo "bench rc $?" >> "$log/lmhf.log"
+  )
+  record "HF GPT-2 export" "$(grep -q 'export rc 0' "$log/lmhf.log" && echo pass || echo FAIL)" "$(grep -E '^stock' "$log/lmhf.log" | tr '\n' ' ')"
+  record "HF GPT-2 generate (eager, graph)" "$(grep -q 'generate graph rc 0' "$log/lmhf.log" && grep -q 'generate rc 0' "$log/lmhf.log" && echo pass || echo FAIL)" "$(grep -E 'per-token|equal-work' "$log/lmhf.log" | tr '\n' ' ')"
+  record "HF GPT-2 bench" "$(grep -q 'bench rc 0' "$log/lmhf.log" && echo done || echo FAIL)" "$(ls "$log"/results-hf/*.md 2>/dev/null | head -n 1)"
 fi
 if want kernelsum; then
   (

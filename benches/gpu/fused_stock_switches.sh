@@ -6,7 +6,7 @@ export POWER_RETENTION_LIB=$PWD/.carry/plugin/libpower_retention_ort.so
 python3 models/make_lm.py /tmp/lmf --preset gpt2-small --dtype float16 --max-pos 20000 --stock-fused > /dev/null 2>&1
 run() {
   echo "== $1"
-  env $1 timeout 90 .carry/bin/power-retention bench /tmp/lmf --stock /tmp/lmf/stock.onnx --stock-fused /tmp/lmf/stock_fused.onnx \
+  env $1 timeout 90 .carry/bin/power-retention bench /tmp/lmf --stock /tmp/lmf/stock.onnx --baseline "stock fused=/tmp/lmf/stock_fused.onnx" \
     --device cuda --contexts 1024,16384 --batches 1 --steps 8 --max-cache-gib 8 --out /tmp/fx 2>&1 | grep "^B1" | sed 's/(inputs[^)]*)//g'
 }
 run "X=1"

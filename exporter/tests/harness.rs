@@ -8,7 +8,7 @@ mod common;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use common::{ort_path, plugin_path, repo_root, scratch};
-use power_retention_exporter::harness::bench::{bench, Baselines, BenchOptions};
+use power_retention_exporter::harness::bench::{bench, Baseline, BenchOptions};
 use power_retention_exporter::harness::decoder::PowerModel;
 use power_retention_exporter::harness::generate::{generate, GenerateOptions};
 use power_retention_exporter::harness::runtime::{Device, Runtime};
@@ -107,24 +107,26 @@ fn bench_reports_stock_fused_and_where_the_time_goes() {
     };
     let rows = bench(
         &mut ours,
-        Baselines {
-            stock: &mut stock,
-            fused: Some(&mut fused),
-        },
+        vec![
+            Baseline {
+                label: "stock".into(),
+                model: &mut stock,
+            },
+            Baseline {
+                label: "stock fused".into(),
+                model: &mut fused,
+            },
+        ],
         &o,
     )
     .unwrap();
     assert_eq!(rows.len(), 4);
     for r in &rows {
         let skipped = r.batch == 2 && r.context == 40;
-        assert_eq!(r.stock.is_none(), skipped, "{}x{}", r.batch, r.context);
-        assert_eq!(
-            r.stock_fused.is_none(),
-            skipped,
-            "{}x{}",
-            r.batch,
-            r.context
-        );
+        assert_eq!(r.baselines.len(), 2);
+        for b in &r.baselines {
+            assert_eq!(b.is_none(), skipped, "{}x{}", r.batch, r.context);
+        }
     }
     let md_path = std::fs::read_dir(&out)
         .unwrap()
@@ -133,7 +135,7 @@ fn bench_reports_stock_fused_and_where_the_time_goes() {
         .expect("a markdown report");
     let md = std::fs::read_to_string(&md_path).unwrap();
     assert!(
-        md.contains("| stock fused ms/token (p90) | stock fused tokens/s | speed-up vs fused |")
+        md.contains("| stock ms/token (p90) | stock tokens/s | speed-up vs stock | stock fused ms/token (p90) | stock fused tokens/s | speed-up vs stock fused |")
     );
     assert!(md.contains("## Where the time goes"));
     let lines = |needle: &str| md.lines().filter(|l| l.contains(needle)).count();

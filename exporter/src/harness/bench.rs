@@ -34,19 +34,17 @@ pub struct Row {
     pub context: usize,
     pub batch: usize,
     pub ours: Breakdown,
-    /// Stock attention as exported (`None`: skipped, its KV cache over the limit).
-    pub stock: Option<Breakdown>,
-    /// The same with ONNX Runtime's fused attention op (`None`: not asked for, or skipped).
-    pub stock_fused: Option<Breakdown>,
-    /// Why `stock` / `stock_fused` is `None`, as written in the table.
-    pub stock_why: String,
-    pub fused_why: String,
+    /// Each baseline's, in the order given (`None`: skipped, its KV cache over the limit, or failed).
+    pub baselines: Vec<Option<Breakdown>>,
+    /// Why a baseline's entry is `None`, as written in the table.
+    pub why: Vec<String>,
 }
 
-/// The models timed against ours: stock attention as exported, and optionally fused.
-pub struct Baselines<'a> {
-    pub stock: &'a mut StockModel,
-    pub fused: Option<&'a mut StockModel>,
+/// A model timed against ours (the original with its KV cache, as exported or as optimised),
+/// and its name in the report.
+pub struct Baseline<'a> {
+    pub label: String,
+    pub model: &'a mut StockModel,
 }
 
 /// The steps after the first fifth (warm-up).
@@ -54,8 +52,12 @@ fn settled(t: &[StepTimes]) -> Option<Breakdown> {
     Breakdown::of(&t[t.len() / 5..])
 }
 
-pub fn bench(ours: &mut PowerModel, base: Baselines<'_>, o: &BenchOptions) -> Result<Vec<Row>> {
-    let Baselines { stock, mut fused } = base;
+pub fn bench(
+    ours: &mut PowerModel,
+    mut baselines: Vec<Baseline<'_>>,
+    o: &BenchOptions,
+) -> Result<Vec<Row>> {
+    anyhow::ensure!(!baselines.is_empty(), "no baseline to time against");
     // Equal work first: a timing of wrong logits is worse than none.
     let vocab_probe = random_prompts(&[8, 13], 2, 1);
     let check = generate(
@@ -97,39 +99,35 @@ pub fn bench(ours: &mut PowerModel, base: Baselines<'_>, o: &BenchOptions) -> Re
                     }
                 }
             };
-            let (stock_b, stock_why) = time_stock(stock, 12);
-            let (fused_b, fused_why) = match fused.as_deref_mut() {
-                Some(m) => time_stock(m, 13),
-                None => (None, "not asked for".to_string()),
-            };
-            let show = |b: &Option<Breakdown>, why: &str| {
-                b.map_or(why.to_string(), |b| {
-                    format!("{:.3} ms/token", b.step.median * 1e3)
-                })
-            };
-            eprintln!(
-                "B{batch} context {context}: ours {:.3} ms/token ({}), stock {}{}",
+            let (timed, why): (Vec<_>, Vec<_>) = baselines
+                .iter_mut()
+                .enumerate()
+                .map(|(i, b)| time_stock(b.model, 12 + i as u64))
+                .unzip();
+            let mut line = format!(
+                "B{batch} context {context}: ours {:.3} ms/token ({})",
                 ours_b.step.median * 1e3,
-                ours_b.medians(),
-                show(&stock_b, &stock_why),
-                if fused.is_some() {
-                    format!(", stock fused {}", show(&fused_b, &fused_why))
-                } else {
-                    String::new()
-                }
+                ours_b.medians()
             );
+            for ((b, t), w) in baselines.iter().zip(&timed).zip(&why) {
+                let shown = t.map_or(w.clone(), |t| {
+                    format!("{:.3} ms/token", t.step.median * 1e3)
+                });
+                let _ = write!(line, ", {} {shown}", b.label);
+            }
+            eprintln!("{line}");
             rows.push(Row {
                 context,
                 batch,
                 ours: ours_b,
-                stock: stock_b,
-                stock_fused: fused_b,
-                stock_why,
-                fused_why,
+                baselines: timed,
+                why,
             });
         }
     }
-    write_report(&rows, ours, stock, fused.is_some(), o)?;
+    let labels: Vec<String> = baselines.iter().map(|b| b.label.clone()).collect();
+    let cache = baselines[0].model.cache_bytes_per_token();
+    write_report(&rows, ours, cache, &labels, o)?;
     Ok(rows)
 }
 
@@ -143,7 +141,7 @@ pub fn render(
     rows: &[Row],
     state_bytes: u64,
     cache_bytes: u64,
-    with_fused: bool,
+    labels: &[String],
     o: &BenchOptions,
     date: &str,
 ) -> Result<String> {
@@ -161,14 +159,23 @@ pub fn render(
         bytes(cache_bytes),
         o.steps
     )?;
-    if with_fused {
-        writeln!(md, "- stock fused: the same model with ONNX Runtime's fused attention op and its KV cache (com.microsoft.MultiHeadAttention, or GroupQueryAttention where heads are grouped)")?;
-    }
+    writeln!(
+        md,
+        "- baselines (each the original model with its KV cache, driven by the same code): {}",
+        labels
+            .iter()
+            .map(|l| format!("`{l}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )?;
     writeln!(md)?;
-    let mut head = "| batch | context | ours ms/token (p90) | ours tokens/s | stock ms/token (p90) | stock tokens/s | speed-up |".to_string();
-    let mut rule = "|---|---|---|---|---|---|---|".to_string();
-    if with_fused {
-        head.push_str(" stock fused ms/token (p90) | stock fused tokens/s | speed-up vs fused |");
+    let mut head = "| batch | context | ours ms/token (p90) | ours tokens/s |".to_string();
+    let mut rule = "|---|---|---|---|".to_string();
+    for l in labels {
+        write!(
+            head,
+            " {l} ms/token (p90) | {l} tokens/s | speed-up vs {l} |"
+        )?;
         rule.push_str("---|---|---|");
     }
     writeln!(md, "{head}\n{rule}")?;
@@ -185,15 +192,14 @@ pub fn render(
         };
         write!(
             md,
-            "| {} | {} | {} | {:.0} | {} |",
+            "| {} | {} | {} | {:.0} |",
             r.batch,
             r.context,
             ms(&r.ours.step),
             tps(&r.ours),
-            cols(&r.stock, &r.stock_why)
         )?;
-        if with_fused {
-            write!(md, " {} |", cols(&r.stock_fused, &r.fused_why))?;
+        for (b, why) in r.baselines.iter().zip(&r.why) {
+            write!(md, " {} |", cols(b, why))?;
         }
         writeln!(md)?;
     }
@@ -207,11 +213,12 @@ pub fn render(
     )?;
     writeln!(md, "|---|---|---|---|---|---|---|---|")?;
     for r in rows {
-        let models = [
-            ("ours", Some(r.ours)),
-            ("stock", r.stock),
-            ("stock fused", r.stock_fused),
-        ];
+        let models = std::iter::once(("ours", Some(r.ours))).chain(
+            labels
+                .iter()
+                .map(String::as_str)
+                .zip(r.baselines.iter().copied()),
+        );
         for (name, b) in models {
             let Some(b) = b else { continue };
             writeln!(
@@ -233,8 +240,8 @@ pub fn render(
 fn write_report(
     rows: &[Row],
     ours: &PowerModel,
-    stock: &StockModel,
-    with_fused: bool,
+    cache_bytes: u64,
+    labels: &[String],
     o: &BenchOptions,
 ) -> Result<()> {
     std::fs::create_dir_all(&o.out_dir)
@@ -244,13 +251,13 @@ fn write_report(
     let mut md = render(
         rows,
         ours.state_bytes_per_sequence(),
-        stock.cache_bytes_per_token(),
-        with_fused,
+        cache_bytes,
+        labels,
         o,
         &date,
     )?;
     let svg = o.out_dir.join(format!("{stem}.svg"));
-    plot(rows, &svg, &o.device_name)?;
+    plot(rows, labels, &svg, &o.device_name)?;
     writeln!(
         md,
         "\n![latency per token vs context]({})",
@@ -264,11 +271,12 @@ fn write_report(
     Ok(())
 }
 
-fn plot(rows: &[Row], path: &Path, device: &str) -> Result<()> {
+fn plot(rows: &[Row], labels: &[String], path: &Path, device: &str) -> Result<()> {
     let max_ms = rows
         .iter()
-        .flat_map(|r| [Some(r.ours), r.stock, r.stock_fused].map(|b| b.map(|b| b.step.median)))
+        .flat_map(|r| std::iter::once(Some(r.ours)).chain(r.baselines.iter().copied()))
         .flatten()
+        .map(|b| b.step.median)
         .fold(0.0f64, f64::max)
         * 1e3
         * 1.15;
@@ -305,14 +313,6 @@ fn plot(rows: &[Row], path: &Path, device: &str) -> Result<()> {
             .filter(|r| r.batch == b)
             .map(|r| (r.context as f64, r.ours.step.median * 1e3))
             .collect();
-        let series = |f: fn(&Row) -> Option<Breakdown>| -> Vec<(f64, f64)> {
-            rows.iter()
-                .filter(|r| r.batch == b)
-                .filter_map(|r| f(r).map(|s| (r.context as f64, s.step.median * 1e3)))
-                .collect()
-        };
-        let stock = series(|r| r.stock);
-        let fused = series(|r| r.stock_fused);
         chart
             .draw_series(LineSeries::new(ours, color.stroke_width(2)))
             .map_err(|e| anyhow::anyhow!("{e}"))?
@@ -320,24 +320,26 @@ fn plot(rows: &[Row], path: &Path, device: &str) -> Result<()> {
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
             });
-        let dashed = color.mix(0.6);
-        if !stock.is_empty() {
+        // One dash pattern per baseline: long dashes for the first, shorter for the next.
+        for (k, label) in labels.iter().enumerate() {
+            let series: Vec<(f64, f64)> = rows
+                .iter()
+                .filter(|r| r.batch == b)
+                .filter_map(|r| r.baselines[k].map(|s| (r.context as f64, s.step.median * 1e3)))
+                .collect();
+            if series.is_empty() {
+                continue;
+            }
+            let (dash, gap) = [(8, 4), (2, 3), (5, 2), (1, 2)][k % 4];
+            let style = color
+                .mix(0.6 + 0.1 * (k % 3) as f64)
+                .stroke_width(1 + (k % 2) as u32);
             chart
-                .draw_series(DashedLineSeries::new(stock, 8, 4, dashed.stroke_width(1)))
+                .draw_series(DashedLineSeries::new(series, dash, gap, style))
                 .map_err(|e| anyhow::anyhow!("{e}"))?
-                .label(format!("stock attention + KV cache, batch {b}"))
+                .label(format!("{label} + KV cache, batch {b}"))
                 .legend(move |(x, y)| {
-                    DashedPathElement::new(vec![(x, y), (x + 20, y)], 8, 4, dashed.stroke_width(1))
-                });
-        }
-        if !fused.is_empty() {
-            let dotted = color.mix(0.8);
-            chart
-                .draw_series(DashedLineSeries::new(fused, 2, 3, dotted.stroke_width(2)))
-                .map_err(|e| anyhow::anyhow!("{e}"))?
-                .label(format!("stock, ORT fused attention + KV cache, batch {b}"))
-                .legend(move |(x, y)| {
-                    DashedPathElement::new(vec![(x, y), (x + 20, y)], 2, 3, dotted.stroke_width(2))
+                    DashedPathElement::new(vec![(x, y), (x + 20, y)], dash, gap, style)
                 });
         }
     }

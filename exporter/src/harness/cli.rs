@@ -2,10 +2,10 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 
-use super::bench::{bench, Baselines, BenchOptions};
+use super::bench::{bench, Baseline, BenchOptions};
 use super::decoder::PowerModel;
 use super::generate::{generate, random_prompts, GenerateOptions};
 use super::runtime::{Device, Runtime};
@@ -134,10 +134,11 @@ pub struct BenchArgs {
     /// The original model with its KV cache (past_key_values.* inputs, present.* outputs)
     #[arg(long)]
     pub stock: PathBuf,
-    /// The same model with ONNX Runtime's fused attention op (e.g. stock_fused.onnx of
-    /// models/make_lm.py), timed the same way as --stock, in its own columns
-    #[arg(long)]
-    pub stock_fused: Option<PathBuf>,
+    /// More baselines, each LABEL=MODEL.onnx with the same interface as --stock (e.g. the model
+    /// after ORT's transformer optimizer, or exported with a fused attention op), timed the same
+    /// way, in their own columns; repeatable
+    #[arg(long = "baseline", value_name = "LABEL=MODEL", value_parser = parse_baseline)]
+    pub baselines: Vec<(String, PathBuf)>,
     /// Context lengths to time at
     #[arg(
         long,
@@ -166,13 +167,20 @@ pub struct BenchArgs {
 pub fn run_bench(a: &BenchArgs) -> Result<()> {
     let (device, rt) = a.runtime.open()?;
     let mut ours = PowerModel::load(&rt, &a.model_dir, device)?;
-    let mut stock = StockModel::load(&rt, &a.stock, device)?;
-    let mut fused = a
-        .stock_fused
-        .as_ref()
-        .map(|p| StockModel::load(&rt, p, device))
-        .transpose()?;
-    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let mut models = vec![(
+        "stock".to_string(),
+        StockModel::load(&rt, &a.stock, device)?,
+    )];
+    for (label, path) in &a.baselines {
+        let m = StockModel::load(&rt, path, device)
+            .with_context(|| format!("baseline '{label}' ({})", path.display()))?;
+        models.push((label.clone(), m));
+    }
+    // As typed: arguments with spaces quoted, so the report's command can be pasted back.
+    let command = std::env::args()
+        .map(|x| if x.contains(' ') { format!("'{x}'") } else { x })
+        .collect::<Vec<_>>()
+        .join(" ");
     let o = BenchOptions {
         contexts: a.contexts.clone(),
         batches: a.batches.clone(),
@@ -185,13 +193,56 @@ pub fn run_bench(a: &BenchArgs) -> Result<()> {
             .unwrap_or_else(|| device.name().to_string()),
         command,
     };
-    bench(
-        &mut ours,
-        Baselines {
-            stock: &mut stock,
-            fused: fused.as_mut(),
-        },
-        &o,
-    )?;
+    let baselines = models
+        .iter_mut()
+        .map(|(label, model)| Baseline {
+            label: label.clone(),
+            model,
+        })
+        .collect();
+    bench(&mut ours, baselines, &o)?;
     Ok(())
+}
+
+/// `LABEL=PATH` of `--baseline`: a non-empty label without `|` (it heads table columns).
+fn parse_baseline(s: &str) -> Result<(String, PathBuf), String> {
+    let (label, path) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected LABEL=MODEL.onnx, got '{s}'"))?;
+    let label = label.trim();
+    if label.is_empty() || label.contains('|') || label == "ours" || label == "stock" {
+        return Err(format!(
+            "baseline label '{label}': give a non-empty name other than 'ours' / 'stock', without '|'"
+        ));
+    }
+    if path.is_empty() {
+        return Err(format!("baseline '{label}': no model path after '='"));
+    }
+    Ok((label.to_string(), PathBuf::from(path)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_baseline;
+
+    #[test]
+    fn baseline_arguments_need_a_label_and_a_path() {
+        assert_eq!(
+            parse_baseline("ORT optimizer=/tmp/m.onnx").unwrap(),
+            ("ORT optimizer".to_string(), "/tmp/m.onnx".into())
+        );
+        for bad in [
+            "/tmp/m.onnx",
+            "=/tmp/m.onnx",
+            "a|b=/tmp/m.onnx",
+            "stock=x.onnx",
+            "x=",
+        ] {
+            let e = parse_baseline(bad).unwrap_err();
+            assert!(
+                e.contains("LABEL") || e.contains("label") || e.contains("path"),
+                "{bad}: {e}"
+            );
+        }
+    }
 }
