@@ -9,7 +9,8 @@ mod common;
 use std::time::Instant;
 
 use common::*;
-use ort::value::DynValue;
+use ort::memory::Allocator;
+use ort::value::{DynValue, Tensor};
 use power_retention_ort::reference;
 use power_retention_ort::schema::{ElemType, POWER_RETENTION, POWER_RETENTION_STEP};
 use power_retention_ort::shapes::Dims;
@@ -161,6 +162,111 @@ fn decode(b: usize, h: usize, d: usize, cap: usize) {
     );
 }
 
+/// The decode step as a decoding loop runs it: every state, cache and length tensor bound through
+/// IO binding as both input and output (updated in place, nothing copied), new tokens each step,
+/// the window folding every `cap` steps, over `layers` layers with their own buffers (so that, as
+/// in a model, the states come from memory rather than the last level cache). Per-layer times.
+fn decode_in_place(b: usize, h: usize, d: usize, cap: usize, layers: usize) {
+    // Buffers ORT may write into must come from an allocator (ort's `Tensor::new`).
+    fn owned_f32(shape: &[usize], v: Vec<f64>) -> DynValue {
+        let shape: Vec<i64> = shape.iter().map(|&x| x as i64).collect();
+        let mut t = Tensor::<f32>::new(&Allocator::default(), shape).expect("tensor");
+        for (o, x) in t
+            .try_extract_tensor_mut()
+            .expect("view")
+            .1
+            .iter_mut()
+            .zip(v)
+        {
+            *o = x as f32;
+        }
+        t.into_dyn()
+    }
+    let t = ElemType::F32;
+    let dx = d * (d + 1) / 2;
+    let model = one_node_model(
+        &POWER_RETENTION_STEP,
+        &all_ports(POWER_RETENTION_STEP.inputs, t),
+        &all_ports(POWER_RETENTION_STEP.outputs, t),
+        &[],
+    );
+    let mut sess = session(&model).expect("session");
+    let mut r = rng(3);
+    let mut layer_bufs: Vec<Vec<(&str, &str, DynValue)>> = (0..layers)
+        .map(|_| {
+            vec![
+                (
+                    "past_state",
+                    "present_state",
+                    owned_f32(&[b, h, dx, d], normal(&mut r, b * h * dx * d, 0.1)),
+                ),
+                (
+                    "past_sum_of_keys",
+                    "present_sum_of_keys",
+                    owned_f32(&[b, h, dx], vec![1.0; b * h * dx]),
+                ),
+                (
+                    "past_key_cache",
+                    "present_key_cache",
+                    owned_f32(&[b, cap, h, d], normal(&mut r, b * cap * h * d, 0.5)),
+                ),
+                (
+                    "past_value_cache",
+                    "present_value_cache",
+                    owned_f32(&[b, cap, h, d], normal(&mut r, b * cap * h * d, 0.5)),
+                ),
+                (
+                    "past_log_gate_cache",
+                    "present_log_gate_cache",
+                    owned_f32(&[b, cap, h], vec![-0.01; b * cap * h]),
+                ),
+                ("cache_length", "present_cache_length", {
+                    let mut l =
+                        Tensor::<i64>::new(&Allocator::default(), vec![b as i64]).expect("tensor");
+                    l.try_extract_tensor_mut::<i64>().expect("view").1.fill(0);
+                    l.into_dyn()
+                }),
+            ]
+        })
+        .collect();
+    let mut out = owned_f32(&[b, 1, h, d], vec![0.0; b * h * d]);
+    let mut times = Vec::new();
+    for _ in 0..2 * cap {
+        let tok = |r: &mut rand::rngs::StdRng| {
+            Data::new(&[b, 1, h, d], normal(r, b * h * d, 0.5)).tensor(t)
+        };
+        let (q, k, v) = (tok(&mut r), tok(&mut r), tok(&mut r));
+        let g = Data::new(&[b, 1, h], vec![-0.01; b * h]).tensor(t);
+        let mut step = 0.0;
+        for bufs in layer_bufs.iter_mut() {
+            let mut binding = sess.create_binding().expect("binding");
+            for (name, x) in [("query", &q), ("key", &k), ("value", &v), ("log_gate", &g)] {
+                binding.bind_input(name, x).expect("bind");
+            }
+            for (past, _, x) in bufs.iter() {
+                binding.bind_input(*past, x).expect("bind");
+            }
+            for (_, present, x) in bufs.iter_mut() {
+                binding.bind_output(*present, x).expect("bind");
+            }
+            binding.bind_output("output", &mut out).expect("bind");
+            let t0 = Instant::now();
+            sess.run_binding(&binding).expect("run");
+            step += t0.elapsed().as_secs_f64();
+        }
+        times.push(step / layers as f64);
+    }
+    assert!(values_of(&out).iter().all(|x| x.is_finite()));
+    let dt = median(times[cap / 2..].to_vec());
+    let bytes = (b * h * dx * (d + 1) * 4) as f64;
+    println!(
+        "| decode  B{b}_H{h}_D{d}_C{cap} float (in place, IO binding; per layer, {layers} layers) | {:>8.3} ms | {:>9.0} tokens/s | state read {:.1} GB/s |",
+        dt * 1e3,
+        b as f64 / dt,
+        bytes / dt / 1e9
+    );
+}
+
 fn main() {
     println!(
         "CPU: {} threads of {}; ONNX Runtime {}",
@@ -173,4 +279,6 @@ fn main() {
     prefill(4096, 16, 64, 64, ElemType::BF16);
     decode(1, 16, 64, 64);
     decode(8, 16, 64, 64);
+    decode_in_place(1, 16, 64, 64, 12);
+    decode_in_place(8, 16, 64, 64, 2);
 }

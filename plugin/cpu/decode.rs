@@ -5,11 +5,16 @@
 
 use std::sync::Mutex;
 
-use super::{cumulative_gates, decay, decayed_key_features, expand, gather, weight};
+use super::{
+    cumulative_gates, decay, decayed_key_features, expand, gather, rows_times_matrix, weight,
+};
 use crate::element::Element;
 use crate::ffi::gemm::{gemm, MatMut, MatRef};
 use crate::parallel::Parallel;
 use crate::shapes::Dims;
+
+/// Query rows (query heads per kv head × new tokens) up to which the state is streamed, not packed.
+const STREAM_ROWS: usize = 8;
 
 pub struct DecodeArgs<'a, T> {
     pub dims: Dims,
@@ -163,7 +168,7 @@ pub fn decode<T: Element>(
             let mut guard = states[item].lock().unwrap_or_else(|e| e.into_inner());
             let (state, sum) = &mut *guard;
             let sp = a.scale * a.scale;
-            let mut phi = vec![0.0f32; rows.max(n) * d];
+            let mut phi = vec![0.0f32; rows * d];
             for row in 0..rows {
                 let pos = l + row % s;
                 expand(
@@ -173,21 +178,30 @@ pub fn decode<T: Element>(
                     &mut phi[row * d..(row + 1) * d],
                 );
             }
+            // A packing GEMM copies the whole state before reading it again, which tripled the
+            // step's time in a 12-layer model (the state of a layer is MBs, read once per step):
+            // stream it for the few query rows of a usual step; many rows (long multi-token steps,
+            // wide query groups) amortise the packing.
             let mut sn = vec![0.0f32; rows * w];
-            gemm(
-                1.0,
-                MatRef::new(&phi, rows, d, d),
-                MatRef::new(state, d, dv, dv),
-                0.0,
-                MatMut::new(&mut sn, rows, dv, w),
-            );
-            gemm(
-                1.0,
-                MatRef::new(&phi, rows, d, d),
-                MatRef::new(sum, d, 1, 1),
-                0.0,
-                MatMut::new(&mut sn[dv..], rows, 1, w),
-            );
+            if rows <= STREAM_ROWS {
+                rows_times_matrix(&phi, rows, d, state, dv, &mut sn, w);
+                rows_times_matrix(&phi, rows, d, sum, 1, &mut sn[dv..], w);
+            } else {
+                gemm(
+                    1.0,
+                    MatRef::new(&phi, rows, d, d),
+                    MatRef::new(state, d, dv, dv),
+                    0.0,
+                    MatMut::new(&mut sn, rows, dv, w),
+                );
+                gemm(
+                    1.0,
+                    MatRef::new(&phi, rows, d, d),
+                    MatRef::new(sum, d, 1, 1),
+                    0.0,
+                    MatMut::new(&mut sn[dv..], rows, 1, w),
+                );
+            }
             let mut y = vec![0.0f32; rows * dv];
             for row in 0..rows {
                 let (g, i) = (row / s, row % s);
@@ -198,6 +212,7 @@ pub fn decode<T: Element>(
             }
             if n >= c {
                 // Fold the whole window; the window gate sum restarts at zero afterwards.
+                let mut phi = vec![0.0f32; n * d];
                 let end = decayed_key_features(&wk, dk, &gam, n, d, &mut phi);
                 gemm(
                     1.0,

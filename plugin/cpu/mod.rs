@@ -29,6 +29,35 @@ pub fn expand(x: &[f32], off_diag: f32, factor: f32, out: &mut [f32]) {
     }
 }
 
+/// `out[row] = x[row] · m` for a few rows of `x` (`rows × k`) against `m` (`k × n`, row-major),
+/// streaming `m` once: the decode step's state query, where `m` is the state (MBs) and `x` one or
+/// a few expanded queries. A packing GEMM would copy the state before reading it again.
+/// `out` rows are `ld` apart; their first `n` entries are overwritten.
+pub fn rows_times_matrix(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    m: &[f32],
+    n: usize,
+    out: &mut [f32],
+    ld: usize,
+) {
+    debug_assert!(
+        x.len() >= rows * k && m.len() >= k * n && out.len() >= (rows.max(1) - 1) * ld + n
+    );
+    for row in 0..rows {
+        out[row * ld..row * ld + n].fill(0.0);
+    }
+    for (p, mrow) in m.chunks_exact(n).take(k).enumerate() {
+        for row in 0..rows {
+            let xp = x[row * k + p];
+            for (o, &v) in out[row * ld..row * ld + n].iter_mut().zip(mrow) {
+                *o += xp * v;
+            }
+        }
+    }
+}
+
 /// Weight of a directly attended token: `(|x| + ε)^deg · decay`, x = scale·q·k.
 #[inline(always)]
 pub fn weight(x: f32, deg: usize, decay: f32) -> f32 {
@@ -120,5 +149,21 @@ mod tests {
         // Row order: (0,0), (0,1), ... (0,4), (1,1), ...
         assert_eq!(pk[1], 2.0 * k[0] * k[1]);
         assert_eq!(pk[5], k[1] * k[1]);
+    }
+
+    #[test]
+    fn rows_times_matrix_is_the_matrix_product() {
+        let (rows, k, n, ld) = (3, 7, 5, 6);
+        let x: Vec<f32> = (0..rows * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let m: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.91).cos()).collect();
+        let mut out = vec![f32::NAN; rows * ld];
+        rows_times_matrix(&x, rows, k, &m, n, &mut out, ld);
+        for r in 0..rows {
+            for c in 0..n {
+                let want: f32 = (0..k).map(|p| x[r * k + p] * m[p * n + c]).sum();
+                approx::assert_relative_eq!(out[r * ld + c], want, max_relative = 1e-5);
+            }
+            assert!(out[r * ld + n].is_nan(), "the padding column is left alone");
+        }
     }
 }
