@@ -7,7 +7,7 @@ mod common;
 
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
-use common::{ort_path, plugin_path, repo_root, scratch};
+use common::{fixtures, ort_path, plugin_path, repo_root, rewrite, scratch};
 use power_retention_exporter::harness::bench::{bench, Baseline, BenchOptions};
 use power_retention_exporter::harness::decoder::PowerModel;
 use power_retention_exporter::harness::generate::{generate, GenerateOptions};
@@ -145,4 +145,35 @@ fn bench_reports_stock_fused_and_where_the_time_goes() {
     assert_eq!(lines("| stock fused |"), 3);
     assert_eq!(lines("skipped (KV cache"), 1);
     assert!(md_path.with_extension("svg").exists());
+}
+
+/// What CUDA-graph replay runs, checked on the CPU: a decode session with every dim of a dynamo
+/// export fixed for the batch (ORT folds its shape arithmetic then) decodes exactly as the
+/// session with the exported dynamic dims, and passes the equal-work check.
+#[test]
+fn fixed_shape_decoding_of_a_dynamo_export_matches_dynamic_decoding() {
+    let f = fixtures()
+        .into_iter()
+        .find(|f| f.name == "gpt2_dynamo20_sdpa_kv")
+        .expect("fixture");
+    let dir = scratch("harness", "fixed_dims");
+    rewrite(&f, &dir, &["--cache-capacity", "4"]);
+    let rt = runtime();
+    let mut model = PowerModel::load(&rt, &dir, Device::Cpu).unwrap();
+    let dims = model.fixed_dims(3).unwrap();
+    assert!(dims.iter().any(|(_, v)| *v == 3), "{dims:?}");
+    assert!(dims.iter().any(|(_, v)| *v == 1), "{dims:?}");
+    let opts = GenerateOptions {
+        prompts: vec![vec![1, 2, 3, 4, 5], vec![9; 11], vec![7, 3]],
+        new_tokens: 10,
+        sampling: Sampling::Greedy,
+        seed: 0,
+        check: true,
+        progress: false,
+    };
+    let dynamic = generate(&mut model, &opts).unwrap();
+    model.fixed_shapes = true;
+    let fixed = generate(&mut model, &opts).unwrap();
+    assert_eq!(fixed.tokens, dynamic.tokens);
+    assert!(fixed.check_error.unwrap() < 1e-4, "{:?}", fixed.check_error);
 }

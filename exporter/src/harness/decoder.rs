@@ -5,7 +5,7 @@
 //! (`device_copy`) rather than ORT runs.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -13,7 +13,7 @@ use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, Memory
 use ort::session::IoBinding;
 use ort::session::Session;
 
-use ort::value::DynTensor;
+use ort::value::{DynTensor, ValueType};
 
 use super::device_copy::DeviceCopy;
 use super::runtime::{Device, Runtime};
@@ -29,7 +29,14 @@ use crate::manifest::{Manifest, StateTensor};
 pub struct PowerModel {
     pub manifest: Manifest,
     prefill: Session,
+    /// The decode model with its dims as exported (dynamic batch); never CUDA-graph captured.
     decode: Session,
+    decode_path: PathBuf,
+    /// For the fixed-shape decode sessions ([`PowerModel::fixed_dims`]).
+    rt: Runtime,
+    /// Decode each batch in a session of its own with every dim fixed for it. On with CUDA
+    /// graphs, which need it (each binding also gets its own capture); tests turn it on on CPU.
+    pub fixed_shapes: bool,
     device: Device,
     /// CUDA copies for the per-step inputs and logits (with `--device cuda`).
     copier: Option<DeviceCopy>,
@@ -51,6 +58,9 @@ pub struct DecodeState {
     positions_host: Host,
     logits_host: Host,
     binding: IoBinding,
+    /// With CUDA graphs: the decode session with every dim fixed for this batch, which the
+    /// binding belongs to and the graph was captured in (else the model's own session runs).
+    session: Option<Session>,
     pub batch: usize,
     /// Tokens seen so far per sequence (the next position id).
     pub lengths: Vec<i64>,
@@ -60,11 +70,8 @@ impl PowerModel {
     pub fn load(rt: &Runtime, dir: &Path, device: Device) -> Result<PowerModel> {
         let manifest = Manifest::read(dir)?;
         let prefill = rt.session(&dir.join(&manifest.prefill.file), device, false)?;
-        let decode = rt.session(
-            &dir.join(&manifest.decode.file),
-            device,
-            device.cuda_graph(),
-        )?;
+        let decode_path = dir.join(&manifest.decode.file);
+        let decode = rt.session(&decode_path, device, false)?;
         let copier = match device {
             Device::Cpu => None,
             Device::Cuda { .. } => Some(DeviceCopy::new(0)?),
@@ -73,9 +80,52 @@ impl PowerModel {
             manifest,
             prefill,
             decode,
+            decode_path,
+            rt: rt.clone(),
+            fixed_shapes: device.cuda_graph(),
             device,
             copier,
         })
+    }
+
+    /// Values for every symbolic dim of the decode model's inputs in steps of one token for a
+    /// batch of `b`: token inputs are (b, 1), state tensors (b, ...). Exported graphs compute
+    /// reshape targets from such dims at run time; fixed, ORT folds that arithmetic away.
+    pub fn fixed_dims(&self, b: usize) -> Result<Vec<(String, i64)>> {
+        let io = &self.manifest.decode;
+        let mut dims: Vec<(String, i64)> = Vec::new();
+        for input in self.decode.inputs() {
+            let name = input.name();
+            let ValueType::Tensor {
+                dimension_symbols, ..
+            } = input.dtype()
+            else {
+                continue;
+            };
+            let want: &[i64] = if name == io.input_ids || io.position_ids.as_deref() == Some(name) {
+                &[b as i64, 1]
+            } else if self.manifest.state.iter().any(|s| s.decode_input == name) {
+                &[b as i64]
+            } else {
+                &[]
+            };
+            for (i, sym) in dimension_symbols.iter().enumerate() {
+                if sym.is_empty() {
+                    continue;
+                }
+                let Some(&v) = want.get(i) else {
+                    bail!("decode input '{name}' has a symbolic dim '{sym}' (axis {i}) that a decode step cannot fix");
+                };
+                match dims.iter().find(|(s, _)| s == sym) {
+                    Some((_, old)) if *old != v => bail!(
+                        "decode model: dim '{sym}' is both {old} and {v} (axis {i} of '{name}'); it cannot be fixed for CUDA-graph replay"
+                    ),
+                    Some(_) => {}
+                    None => dims.push((sym.clone(), v)),
+                }
+            }
+        }
+        Ok(dims)
     }
 
     /// Vocabulary size, from the decode model's logits shape.
@@ -234,12 +284,25 @@ impl PowerModel {
             .iter()
             .map(|h| self.to_device(h, &alloc))
             .collect::<Result<_>>()?;
-        let mut binding = self.decode.create_binding()?;
+        let graph = self.device.cuda_graph();
+        // CUDA-graph capture needs every node on the GPU, so no shape arithmetic left to run on
+        // the CPU, and it records this binding's addresses: a session of its own, with every dim
+        // fixed for this batch.
+        let session = if self.fixed_shapes || graph {
+            let dims = self.fixed_dims(b)?;
+            Some(
+                self.rt
+                    .session_with_dims(&self.decode_path, self.device, graph, &dims)
+                    .with_context(|| format!("decode session with fixed dims {dims:?}"))?,
+            )
+        } else {
+            None
+        };
+        let mut binding = session.as_ref().unwrap_or(&self.decode).create_binding()?;
         for (s, buf) in self.manifest.state.iter().zip(buffers.iter()) {
             binding.bind_input(s.decode_input.as_str(), buf)?;
         }
         let io = &self.manifest.decode;
-        let graph = self.device.cuda_graph();
         // On CUDA the token ids, position ids and logits live in device buffers bound once, at fixed
         // addresses (as CUDA-graph replay requires), and each step copies into and out of them;
         // on the CPU, host tensors written in place.
@@ -265,6 +328,7 @@ impl PowerModel {
         )?;
         let logits = logits_host.alloc_like(&token_alloc)?;
         let mut state = DecodeState {
+            session,
             buffers,
             input_ids,
             position_ids,
@@ -288,7 +352,10 @@ impl PowerModel {
         if graph {
             // ORT runs the model several times inside the first Run with CUDA graphs enabled
             // (warm-up, capture, replay): capture now, then put the state back as it was.
-            self.decode
+            state
+                .session
+                .as_mut()
+                .context("no fixed-shape decode session")?
                 .run_binding(&state.binding)
                 .context("capture the decode step in a CUDA graph")?;
             for (h, buf) in hosts.iter().zip(state.buffers.iter_mut()) {
@@ -340,7 +407,9 @@ impl PowerModel {
             )?;
         }
         let t1 = Instant::now();
-        self.decode
+        st.session
+            .as_mut()
+            .unwrap_or(&mut self.decode)
             .run_binding(&st.binding)
             .context("decode step")?;
         let t2 = Instant::now();

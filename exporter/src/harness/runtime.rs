@@ -31,6 +31,8 @@ impl Device {
     }
 }
 
+/// Cheap to clone: the environment is shared.
+#[derive(Clone)]
 pub struct Runtime {
     env: Environment,
     pub plugin: PathBuf,
@@ -114,12 +116,25 @@ impl Runtime {
 
     /// A session with the plugin registered.
     pub fn session(&self, model: &Path, device: Device, cuda_graph: bool) -> Result<Session> {
-        self.build(model, device, cuda_graph, true)
+        self.build(model, device, cuda_graph, true, &[])
+    }
+
+    /// A session with the plugin registered and the named symbolic dims of the model fixed
+    /// (ORT's free-dimension overrides): with every shape known, ORT folds the shape arithmetic of
+    /// exported graphs away, which CUDA-graph capture needs (no node may fall back to the CPU).
+    pub fn session_with_dims(
+        &self,
+        model: &Path,
+        device: Device,
+        cuda_graph: bool,
+        dims: &[(String, i64)],
+    ) -> Result<Session> {
+        self.build(model, device, cuda_graph, true, dims)
     }
 
     /// A session of an ordinary model (stock attention), without the plugin.
     pub fn plain_session(&self, model: &Path, device: Device) -> Result<Session> {
-        self.build(model, device, false, false)
+        self.build(model, device, false, false, &[])
     }
 
     fn build(
@@ -128,10 +143,17 @@ impl Runtime {
         device: Device,
         cuda_graph: bool,
         plugin: bool,
+        dims: &[(String, i64)],
     ) -> Result<Session> {
         let mut b = Session::builder(&self.env)?
             .with_intra_threads(self.threads)
             .map_err(builder_error)?;
+        for (name, size) in dims {
+            b = b
+                .with_dimension_override(name, *size)
+                .map_err(builder_error)
+                .with_context(|| format!("fix dim '{name}' = {size}"))?;
+        }
         if plugin {
             b = b
                 .with_operator_library(&self.plugin)
