@@ -104,16 +104,20 @@ fn prefill(s: usize, h: usize, d: usize, chunk: i64, t: ElemType) {
     );
 }
 
-fn decode(b: usize, h: usize, d: usize, cap: usize) {
-    let t = ElemType::F32;
-    let dx = d * (d + 1) / 2;
+/// A session of one PowerRetentionStep node with every port wired, in element type `t`.
+fn step_session(t: ElemType) -> ort::session::Session {
     let model = one_node_model(
         &POWER_RETENTION_STEP,
         &all_ports(POWER_RETENTION_STEP.inputs, t),
         &all_ports(POWER_RETENTION_STEP.outputs, t),
         &[],
     );
-    let mut sess = session(&model).expect("session");
+    session(&model).expect("session")
+}
+
+fn decode(b: usize, h: usize, d: usize, cap: usize) {
+    let (t, dx) = (ElemType::F32, d * (d + 1) / 2);
+    let mut sess = step_session(t);
     let mut r = rng(2);
     let st = Data::new(&[b, h, dx, d], normal(&mut r, b * h * dx * d, 0.1));
     let sk = Data::new(
@@ -182,15 +186,8 @@ fn decode_in_place(b: usize, h: usize, d: usize, cap: usize, layers: usize) {
         }
         t.into_dyn()
     }
-    let t = ElemType::F32;
-    let dx = d * (d + 1) / 2;
-    let model = one_node_model(
-        &POWER_RETENTION_STEP,
-        &all_ports(POWER_RETENTION_STEP.inputs, t),
-        &all_ports(POWER_RETENTION_STEP.outputs, t),
-        &[],
-    );
-    let mut sess = session(&model).expect("session");
+    let (t, dx) = (ElemType::F32, d * (d + 1) / 2);
+    let mut sess = step_session(t);
     let mut r = rng(3);
     let mut layer_bufs: Vec<Vec<(&str, &str, DynValue)>> = (0..layers)
         .map(|_| {
