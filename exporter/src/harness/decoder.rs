@@ -58,8 +58,9 @@ pub struct DecodeState {
     positions_host: Host,
     logits_host: Host,
     binding: IoBinding,
-    /// With CUDA graphs: the decode session with every dim fixed for this batch, which the
-    /// binding belongs to and the graph was captured in (else the model's own session runs).
+    /// With fixed shapes (always with CUDA graphs): the decode session with every dim fixed for
+    /// this batch, which the binding belongs to and any graph was captured in (else the model's
+    /// own session runs).
     session: Option<Session>,
     pub batch: usize,
     /// Tokens seen so far per sequence (the next position id).
