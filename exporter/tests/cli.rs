@@ -2,15 +2,8 @@
 
 mod common;
 
-use common::{cli, fixtures, rewrite, scratch, text};
+use common::{cli, fixture, rewrite, scratch, text};
 use power_retention_exporter::manifest::Manifest;
-
-fn fixture(name: &str) -> common::Fixture {
-    fixtures()
-        .into_iter()
-        .find(|f| f.name == name)
-        .expect("fixture")
-}
 
 #[test]
 fn bad_options_are_refused_before_anything_is_written() {

@@ -4,8 +4,7 @@
 mod common;
 
 use common::{
-    fixtures, load_model, prefill_vs_decode, rel_err, scratch, session, text, token_feeds,
-    values_of,
+    fixture, load_model, prefill_vs_decode, rel_err, scratch, session, text, token_feeds, values_of,
 };
 use onnx_protobuf::{tensor_proto::DataLocation, Message, StringStringEntryProto};
 
@@ -20,10 +19,7 @@ fn entry(key: &str, value: String) -> StringStringEntryProto {
 
 /// The fixture with every initializer over 1 KiB moved to `DATA` (onnx's default threshold).
 fn externalise(name: &str) -> (common::Fixture, std::path::PathBuf) {
-    let f = fixtures()
-        .into_iter()
-        .find(|f| f.name == name)
-        .expect("fixture");
+    let f = fixture(name);
     let dir = scratch("external_data", &format!("{name}_in"));
     let mut m = load_model(&f.model());
     let mut blob = Vec::new();

@@ -7,7 +7,7 @@ mod common;
 
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
-use common::{fixtures, ort_path, plugin_path, repo_root, rewrite, scratch};
+use common::{fixture, ort_path, plugin_path, repo_root, rewrite, scratch};
 use power_retention_exporter::harness::bench::{bench, Baseline, BenchOptions};
 use power_retention_exporter::harness::decoder::PowerModel;
 use power_retention_exporter::harness::generate::{generate, GenerateOptions};
@@ -152,10 +152,7 @@ fn bench_reports_stock_fused_and_where_the_time_goes() {
 /// session with the exported dynamic dims, and passes the equal-work check.
 #[test]
 fn fixed_shape_decoding_of_a_dynamo_export_matches_dynamic_decoding() {
-    let f = fixtures()
-        .into_iter()
-        .find(|f| f.name == "gpt2_dynamo20_sdpa_kv")
-        .expect("fixture");
+    let f = fixture("gpt2_dynamo20_sdpa_kv");
     let dir = scratch("harness", "fixed_dims");
     rewrite(&f, &dir, &["--cache-capacity", "4"]);
     let rt = runtime();

@@ -5,7 +5,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::{cli, fixtures, text};
+use common::{cli, fixture, fixtures, text};
 
 fn inspect(model: &std::path::Path) -> String {
     let o = cli(&["inspect", model.to_str().unwrap()]);
@@ -82,10 +82,7 @@ fn gpt_neo_local_layer_is_refused_with_node_and_reason() {
 
 #[test]
 fn llama_blocks_show_gqa_rope_and_cache_wiring() {
-    let f = fixtures()
-        .into_iter()
-        .find(|f| f.name == "llama_ts17_eager_kv")
-        .expect("llama fixture");
+    let f = fixture("llama_ts17_eager_kv");
     let report = inspect(&f.model());
     assert!(
         report.contains("Hq=4 Hkv=2 (repeat_kv)  Dk=16 Dv=16"),
@@ -98,10 +95,7 @@ fn llama_blocks_show_gqa_rope_and_cache_wiring() {
 
 #[test]
 fn sliding_window_masks_are_refused_with_both_comparisons_named() {
-    let f = fixtures()
-        .into_iter()
-        .find(|f| f.name == "mistral_ts17_sliding")
-        .expect("mistral fixture");
+    let f = fixture("mistral_ts17_sliding");
     let report = inspect(&f.model());
     assert!(report.contains("attention blocks: 0"), "{report}");
     assert_eq!(report.matches("found 2 comparisons").count(), 2, "{report}");

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{cli, fixtures, load_model, scratch, text};
+use common::{cli, fixture, fixtures, load_model, scratch, text};
 use onnx_protobuf::Message;
 
 fn assert_clean_error(path: &std::path::Path, needle: &str) {
@@ -25,10 +25,7 @@ fn assert_clean_error(path: &std::path::Path, needle: &str) {
 }
 
 fn base() -> onnx_protobuf::ModelProto {
-    let f = fixtures()
-        .into_iter()
-        .find(|f| f.name == "gpt2_ts17_eager")
-        .expect("gpt2 fixture");
+    let f = fixture("gpt2_ts17_eager");
     load_model(&f.model())
 }
 

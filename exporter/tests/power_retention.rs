@@ -5,8 +5,8 @@
 mod common;
 
 use common::{
-    load_model, prefill_vs_decode, rel_err, rewritable, rewrite, scratch, session, token_feeds,
-    values_of,
+    fixture, load_model, prefill_vs_decode, rel_err, rewritable, rewrite, scratch, session,
+    token_feeds, values_of,
 };
 use power_retention_schema::{DOMAIN, POWER_RETENTION, POWER_RETENTION_STEP};
 
@@ -100,10 +100,7 @@ fn models_load_with_the_plugin_and_decode_continues_prefill() {
 
 #[test]
 fn prefill_chunk_size_does_not_change_logits() {
-    let f = rewritable()
-        .into_iter()
-        .find(|f| f.name == "llama_ts17_eager_kv")
-        .expect("llama fixture");
+    let f = fixture("llama_ts17_eager_kv");
     let ids = f.input_ids();
     let mut outs = Vec::new();
     for chunk in ["2", "64"] {

@@ -103,6 +103,14 @@ pub fn fixtures() -> Vec<Fixture> {
         .collect()
 }
 
+/// The fixture called `name`; panics naming it when there is none.
+pub fn fixture(name: &str) -> Fixture {
+    fixtures()
+        .into_iter()
+        .find(|f| f.name == name)
+        .unwrap_or_else(|| panic!("no fixture {name}"))
+}
+
 /// Every `NAME.onnx` of `dir` with its `NAME.json`, sorted by name.
 pub fn named_fixtures(dir: &Path) -> Vec<(String, Value)> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
