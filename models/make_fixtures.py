@@ -196,10 +196,11 @@ class WithPast(torch.nn.Module):
         self.layers = layers
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
-        cache = DynamicCache(
-            ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.layers)],
-            config=self.model.config,
-        )
+        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.layers)]
+        try:
+            cache = DynamicCache(ddp_cache_data=pairs, config=self.model.config)
+        except TypeError:  # older transformers: no ddp_cache_data / config arguments
+            cache = DynamicCache.from_legacy_cache(tuple(pairs))
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -208,8 +209,13 @@ class WithPast(torch.nn.Module):
             use_cache=True,
         )
         present = []
-        for layer in out.past_key_values.layers:
-            present += [layer.keys, layer.values]
+        pkv = out.past_key_values
+        if hasattr(pkv, "layers"):
+            for layer in pkv.layers:
+                present += [layer.keys, layer.values]
+        else:
+            for k, v in pkv.to_legacy_cache():
+                present += [k, v]
         return (out.logits, *present)
 
 

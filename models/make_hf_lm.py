@@ -38,42 +38,12 @@ PRESETS = {
 }
 
 
-class WithPast:
-    """Flat past/present tensors around a transformers causal LM, so that the export has
-    `past_key_values.{i}.key/.value` inputs and `present.{i}.key/.value` outputs."""
-
-    @staticmethod
-    def make(torch, transformers, model, layers):
-        class Wrapper(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.model = model
-
-            def forward(self, input_ids, attention_mask, position_ids, *past):
-                pairs = [(past[2 * i], past[2 * i + 1]) for i in range(layers)]
-                try:
-                    cache = transformers.DynamicCache(ddp_cache_data=pairs, config=self.model.config)
-                except TypeError:  # older transformers: no ddp_cache_data / config arguments
-                    cache = transformers.DynamicCache.from_legacy_cache(tuple(pairs))
-                out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                 past_key_values=cache, use_cache=True)
-                present = []
-                pkv = out.past_key_values
-                if hasattr(pkv, "layers"):
-                    for layer in pkv.layers:
-                        present += [layer.keys, layer.values]
-                else:
-                    for k, v in pkv.to_legacy_cache():
-                        present += [k, v]
-                return (out.logits, *present)
-
-        return Wrapper()
-
-
 def export(a):
     import onnx
     import torch
     import transformers
+
+    from make_fixtures import WithPast  # beside this file
 
     cfg = PRESETS[a.preset]
     dtype = {"float32": torch.float32, "float16": torch.float16}[a.dtype]
@@ -83,47 +53,49 @@ def export(a):
     model = transformers.GPT2LMHeadModel(conf).eval()
     model = model.to(device=a.device, dtype=dtype)
     layers, heads, hd = conf.n_layer, conf.n_head, conf.n_embd // conf.n_head
-    wrapper = WithPast.make(torch, transformers, model, layers)
+    wrapper = WithPast(model, layers)
+    g = torch.Generator().manual_seed(1)
+
+    def inputs(b, s, p):
+        """Random ids for s new tokens after p past ones (batch b), their mask, positions, past."""
+        ids = torch.randint(0, conf.vocab_size, (b, s), generator=g).to(a.device)
+        mask = torch.ones(b, p + s, dtype=torch.long, device=a.device)
+        pos = torch.arange(p, p + s, device=a.device).unsqueeze(0).repeat(b, 1)
+        past = [(torch.randn(b, heads, p, hd, generator=g) * 0.5).to(device=a.device, dtype=dtype)
+                for _ in range(2 * layers)]
+        return (ids, mask, pos, *past)
 
     # Trace with 2 new tokens after 3 past ones (batch 2), so that no length is specialised.
-    b, s, p = 2, 2, 3
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, conf.vocab_size, (b, s), generator=g).to(a.device)
-    mask = torch.ones(b, p + s, dtype=torch.long, device=a.device)
-    pos = torch.arange(p, p + s, device=a.device).unsqueeze(0).repeat(b, 1)
-    past = [(torch.randn(b, heads, p, hd, generator=g) * 0.5).to(device=a.device, dtype=dtype) for _ in range(2 * layers)]
+    args = inputs(2, 2, 3)
     names = ["input_ids", "attention_mask", "position_ids"]
     out_names = ["logits"]
     for i in range(layers):
         for part in ("key", "value"):
             names.append(f"past_key_values.{i}.{part}")
             out_names.append(f"present.{i}.{part}")
-    args = (ids, mask, pos, *past)
     with torch.no_grad():
         want = wrapper(*args)[0].float().cpu().numpy()
     os.makedirs(a.out, exist_ok=True)
     path = os.path.join(a.out, "stock.onnx")
-    t0 = time.time()
-    with torch.no_grad():
+    def export_to(dst, traced):
         # torch.export (the dynamo exporter) with every length dynamic. The TorchScript exporter
         # bakes traced lengths into transformers' mask code: its model gave 0.36 relative error at
         # other lengths than the traced ones (transformers 5.25, torch 2.15).
         auto = torch.export.Dim.AUTO
         tok = {0: auto, 1: auto}
-        shapes = (tok, tok, tok, tuple({0: auto, 2: auto} for _ in past))
-        torch.onnx.export(wrapper, args, path, input_names=names, output_names=out_names, dynamic_shapes=shapes,
-                          opset_version=a.opset, dynamo=True, external_data=False, optimize=True)
+        shapes = (tok, tok, tok, tuple({0: auto, 2: auto} for _ in traced[3:]))
+        with torch.no_grad():
+            torch.onnx.export(wrapper, traced, dst, input_names=names, output_names=out_names, dynamic_shapes=shapes,
+                              opset_version=a.opset, dynamo=True, external_data=False, optimize=True)
+
+    t0 = time.time()
+    export_to(path, args)
     t_export = time.time() - t0
     onnx.checker.check_model(path)
     # The check: the traced shapes, a prefill (no past) and a one-token step after a longer past.
     cases = [(args, want)]
-    for (cb, cs, cp) in ((1, 7, 0), (2, 1, 9)):
-        cids = torch.randint(0, conf.vocab_size, (cb, cs), generator=g).to(a.device)
-        cmask = torch.ones(cb, cp + cs, dtype=torch.long, device=a.device)
-        cpos = torch.arange(cp, cp + cs, device=a.device).unsqueeze(0).repeat(cb, 1)
-        cpast = [(torch.randn(cb, heads, cp, hd, generator=g) * 0.5).to(device=a.device, dtype=dtype)
-                 for _ in range(2 * layers)]
-        cargs = (cids, cmask, cpos, *cpast)
+    for shape in ((1, 7, 0), (2, 1, 9)):
+        cargs = inputs(*shape)
         with torch.no_grad():
             cases.append((cargs, wrapper(*cargs)[0].float().cpu().numpy()))
     cases = [({n: t.cpu().numpy() for n, t in zip(names, c)}, w) for c, w in cases]
@@ -141,13 +113,8 @@ def export(a):
         src = path
         if a.dtype == "float16":
             src = os.path.join(a.out, "stock_f32.tmp.onnx")
-            model32 = model.float()
-            w32 = WithPast.make(torch, transformers, model32, layers)
-            args32 = (ids, mask, pos, *(t.float() for t in past))
-            with torch.no_grad():
-                torch.onnx.export(w32, args32, src, input_names=names, output_names=out_names,
-                                  dynamic_shapes=shapes, opset_version=a.opset, dynamo=True, external_data=False,
-                                  optimize=True)
+            model.float()  # in place: the wrapper traces the float32 model
+            export_to(src, tuple(t.float() if t.is_floating_point() else t for t in args))
             model.to(dtype)
         from onnxruntime.transformers.optimizer import optimize_model
 
