@@ -687,8 +687,7 @@ fn virtual_past(
         .iter_mut()
         .filter(|n| n.op_type == "Shape" && n.input.first().is_some_and(|i| i == name))
     {
-        let start = crate::graph::attr_i(n, "start").unwrap_or(0);
-        let end = crate::graph::attr_i(n, "end").unwrap_or(i64::MAX);
+        let (start, end) = shape_slice(n, dims.len() as i64);
         let starts = b.const_i64(&[start], true);
         let ends = b.const_i64(&[end], true);
         n.op_type = "Slice".into();
