@@ -10,7 +10,9 @@ torch), in two forms with identical weights:
   this hand-built graph): com.microsoft.MultiHeadAttention (query/key/value (B, S, H·D), past/present
   (B, H, S, D), unidirectional; flash attention on the CUDA EP in float16), or
   com.microsoft.GroupQueryAttention where query heads are grouped (seqlens_k and
-  total_sequence_length computed in the graph from the shapes).
+  total_sequence_length computed in the graph from the shapes);
+- with --stock-gqa, also stock_gqa.onnx: the same with GroupQueryAttention for any head grouping,
+  equal heads too (ONNX Runtime's decoder attention op, the one onnxruntime-genai's models use).
 
 Per layer (no norms, for brevity): x += Wo·Attn(Wq x, Wk x, Wv x [, log_gate = logsigmoid(Wg x + 3)]);
 x += W2·relu(W1 x); logits = Wout·x with x = tok_emb[input_ids] + pos_emb[position_ids].
@@ -38,11 +40,12 @@ TT = {"float32": TP.FLOAT, "float16": TP.FLOAT16}
 
 
 def build(kind, cfg, dtype="float32", max_pos=1024, rng_seed=0):
-    """kind: 'prefill' | 'decode' | 'stock' | 'stock_fused'. Returns (model, state description)."""
+    """kind: 'prefill' | 'decode' | 'stock' | 'stock_fused' | 'stock_gqa'. Returns (model, state description)."""
     VOCAB, HIDDEN, LAYERS, HQ, HKV, D, CAP = (cfg[k] for k in ("vocab", "hidden", "layers", "hq", "hkv", "d", "cap"))
     DX = D * (D + 1) // 2
     decode = kind == "decode"
-    fused = kind == "stock_fused"
+    fused = kind in ("stock_fused", "stock_gqa")
+    gqa = kind == "stock_gqa" or (fused and HQ != HKV)
     T = TT[dtype]
     rng = np.random.default_rng(rng_seed)
     inits, nodes = [], []
@@ -83,7 +86,7 @@ def build(kind, cfg, dtype="float32", max_pos=1024, rng_seed=0):
         node("Unsqueeze", ["q_pos", const("ax1", [1])], ["q_col"])
         node("LessOrEqual", ["k_pos", "q_col"], ["causal"])
         const("neg", [-1e4 if dtype == "float16" else -1e30], NP[dtype])
-    if fused and HQ != HKV:
+    if gqa:
         # GroupQueryAttention's lengths: every sequence has past + new tokens (no padding).
         node("Shape", ["input_ids"], ["ids_shape"])
         node("Gather", ["ids_shape", const("one_i", 1)], ["s_new"], axis=0)
@@ -113,9 +116,9 @@ def build(kind, cfg, dtype="float32", max_pos=1024, rng_seed=0):
             g = node("Reshape", [node("Neg", [node("Softplus", [node("Neg", [gl], [f"ng{i}"])], [f"sp{i}"])], [f"lg{i}"]), "shape_g"], [f"lgh{i}"])
             if dtype != "float32":
                 g = node("Cast", [g], [f"lgf{i}"], to=TP.FLOAT)
-        if kind in ("stock", "stock_fused"):
+        if kind in ("stock", "stock_fused", "stock_gqa"):
             if fused:
-                y = fused_attention(node, i, qm, km, vm, HQ, HKV, D, T, inputs, outputs)
+                y = fused_attention(node, i, qm, km, vm, HQ, HKV, D, T, inputs, outputs, gqa)
             else:
                 y = node("Reshape", [stock_attention(node, i, q, k, v, HQ, HKV, D, T, inputs, outputs), "shape_h"], [f"yh{i}"])
             y = node("MatMul", [y, w(f"wo{i}", HQ * D, HIDDEN, scale=0.5 / np.sqrt(HQ * D))], [f"o{i}"])
@@ -155,7 +158,8 @@ def build(kind, cfg, dtype="float32", max_pos=1024, rng_seed=0):
         [helper.make_tensor_value_info("input_ids", TP.INT64, ["batch", "seq"]),
          helper.make_tensor_value_info("position_ids", TP.INT64, ["batch", "seq"])] + inputs,
         [helper.make_tensor_value_info("logits", T, ["batch", "seq", VOCAB])] + outputs, inits)
-    opsets = [helper.make_opsetid("", 17)] + {"stock": [], "stock_fused": [helper.make_opsetid("com.microsoft", 1)]}.get(
+    opsets = [helper.make_opsetid("", 17)] + {"stock": [], "stock_fused": [helper.make_opsetid("com.microsoft", 1)],
+                                                   "stock_gqa": [helper.make_opsetid("com.microsoft", 1)]}.get(
         kind, [helper.make_opsetid("power_retention", 1)])
     model = helper.make_model(graph, opset_imports=opsets, producer_name="power-retention-ort models/make_lm.py")
     model.ir_version = 10
@@ -187,16 +191,17 @@ def stock_attention(node, i, q, k, v, HQ, HKV, D, T, inputs, outputs):
     return node("Transpose", [node("MatMul", [p, va], [f"pv{i}"])], [f"y{i}"], perm=perm)
 
 
-def fused_attention(node, i, q, k, v, HQ, HKV, D, T, inputs, outputs):
+def fused_attention(node, i, q, k, v, HQ, HKV, D, T, inputs, outputs, gqa):
     """ONNX Runtime's fused causal attention with a KV cache: q (B, S, HQ·D), k/v (B, S, HKV·D),
-    past/present (B, HKV, S, D) as in stock_attention; returns (B, S, HQ·D)."""
+    past/present (B, HKV, S, D) as in stock_attention; returns (B, S, HQ·D). MultiHeadAttention
+    unless gqa (GroupQueryAttention, which needs the graph's seqlens_k and total_seq_len)."""
     for n in ("key", "value"):
         inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{n}", T, ["batch", HKV, "past", D]))
         outputs.append(helper.make_tensor_value_info(f"present.{i}.{n}", T, ["batch", HKV, "total", D]))
     past = [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
     present = [f"present.{i}.key", f"present.{i}.value"]
     scale = float(1.0 / np.sqrt(D))
-    if HQ == HKV:
+    if not gqa:
         # inputs: query, key, value, bias, key_padding_mask, attention_bias, past_key, past_value
         return node("MultiHeadAttention", [q, k, v, "", "", ""] + past, [f"y{i}"] + present, domain="com.microsoft",
                     num_heads=HQ, unidirectional=1, scale=scale)
@@ -214,11 +219,14 @@ def main():
     ap.add_argument("--no-stock", action="store_true", help="skip the stock-attention model")
     ap.add_argument("--stock-fused", action="store_true",
                     help="also write stock_fused.onnx: the stock model with ONNX Runtime's fused attention op")
+    ap.add_argument("--stock-gqa", action="store_true",
+                    help="also write stock_gqa.onnx: the stock model with GroupQueryAttention (any heads)")
     a = ap.parse_args()
     cfg = PRESETS[a.preset]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    kinds = ("prefill", "decode") + (() if a.no_stock else ("stock",)) + (("stock_fused",) if a.stock_fused else ())
+    kinds = ("prefill", "decode") + (() if a.no_stock else ("stock",)) + (("stock_fused",) if a.stock_fused else ()) \
+        + (("stock_gqa",) if a.stock_gqa else ())
     for kind in kinds:
         model, state = build(kind, cfg, a.dtype, a.max_pos)
         onnx.save(model, out / f"{kind}.onnx")
@@ -228,7 +236,7 @@ def main():
                         "cache_capacity": cfg["cap"], "prefill": {"file": "prefill.onnx", **io}, "decode": {"file": "decode.onnx", **io}, "state": state}
             (out / "retention.json").write_text(json.dumps(manifest, indent=2) + "\n")
     print(f"wrote {out}: prefill.onnx, decode.onnx, retention.json" + ("" if a.no_stock else ", stock.onnx")
-          + (", stock_fused.onnx" if a.stock_fused else ""))
+          + (", stock_fused.onnx" if a.stock_fused else "") + (", stock_gqa.onnx" if a.stock_gqa else ""))
 
 
 if __name__ == "__main__":

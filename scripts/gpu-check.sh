@@ -10,7 +10,8 @@
 #   bench     benches/gpu/bench_kernels.py: kernels vs the `retention` package and torch SDPA
 #   lm        a GPT-2-small-shaped model (models/make_lm.py) through `power-retention generate` and
 #             `power-retention bench` against the same model with stock attention and a KV cache,
-#             as built and with ONNX Runtime's fused attention op (stock_fused.onnx)
+#             as built and with ONNX Runtime's fused attention ops (stock_fused.onnx: MultiHeadAttention,
+#             stock_gqa.onnx: GroupQueryAttention)
 #   lmhf      the same on a transformers GPT-2 (GPT-2-small, fp16, random weights) exported with
 #             torch.onnx (models/make_hf_lm.py) and rewritten by `power-retention rewrite`: generate
 #             (equal-work check, with and without CUDA graph) and bench against the export as it is,
@@ -62,12 +63,13 @@ fi
 if want lm; then
   (
     source /tmp/ortgpu/env.sh || exit 3
-    python3 models/make_lm.py /tmp/lm --preset gpt2-small --dtype float16 --max-pos 140000 --stock-fused > "$log/lm.log" 2>&1
+    python3 models/make_lm.py /tmp/lm --preset gpt2-small --dtype float16 --max-pos 140000 --stock-fused --stock-gqa > "$log/lm.log" 2>&1
     .carry/bin/power-retention generate /tmp/lm --device cuda --new-tokens 48 --prompt-lengths 40,100,7,300 >> "$log/lm.log" 2>&1
     echo "generate rc $?" >> "$log/lm.log"
     .carry/bin/power-retention generate /tmp/lm --device cuda --cuda-graph --new-tokens 48 --prompt-lengths 40,100,7,300 > "$log/lm-graph.log" 2>&1
     echo "generate rc $?" >> "$log/lm-graph.log"
-    .carry/bin/power-retention bench /tmp/lm --stock /tmp/lm/stock.onnx --baseline "stock fused=/tmp/lm/stock_fused.onnx" --device cuda ${LM_GRAPH:-} \
+    .carry/bin/power-retention bench /tmp/lm --stock /tmp/lm/stock.onnx --baseline "stock fused=/tmp/lm/stock_fused.onnx" \
+      --baseline "stock GQA=/tmp/lm/stock_gqa.onnx" --device cuda ${LM_GRAPH:-} \
       --contexts ${LM_CONTEXTS:-1024,4096,16384,32768,65536,131072} --batches 1,8 --steps ${LM_STEPS:-30} \
       --max-cache-gib 24 --out "$log/results" --device-name "$gpu" >> "$log/lm.log" 2>&1
     echo "bench rc $?" >> "$log/lm.log"

@@ -1,7 +1,7 @@
 """models/make_lm.py's stock_fused.onnx (ONNX Runtime's fused attention op with a KV cache) gives
 the logits of stock.onnx (hand-built softmax attention, same weights) on the CPU: a prompt from an
 empty cache, then single-token decode steps, for MultiHeadAttention (equal heads) and
-GroupQueryAttention (grouped heads).
+GroupQueryAttention (grouped heads, and equal heads with stock_gqa.onnx).
 
 Run with the repo's venv: .venv/bin/python -m pytest tests/python
 """
@@ -52,16 +52,16 @@ def greedy(sess, cfg, dtype, prompt, steps):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-@pytest.mark.parametrize("heads", sorted(CONFIGS))
-def test_fused_attention_gives_the_stock_logits(heads, dtype):
+@pytest.mark.parametrize("kind,heads", [("stock_fused", "gqa"), ("stock_fused", "mha"), ("stock_gqa", "mha")])
+def test_fused_attention_gives_the_stock_logits(kind, heads, dtype):
     cfg = CONFIGS[heads]
-    fused = make_lm.build("stock_fused", cfg, dtype, 64)[0]
+    fused = make_lm.build(kind, cfg, dtype, 64)[0]
     ops = {n.op_type for n in fused.graph.node if n.domain == "com.microsoft"}
-    assert ops == {"MultiHeadAttention" if heads == "mha" else "GroupQueryAttention"}
+    assert ops == {"MultiHeadAttention" if (kind, heads) == ("stock_fused", "mha") else "GroupQueryAttention"}
     assert not {"Softmax", "Where"} & {n.op_type for n in fused.graph.node}
     prompt = [3, 17, 200, 5, 9, 1, 44, 128, 7]
     try:
-        got = greedy(session("stock_fused", cfg, dtype), cfg, dtype, prompt, 12)
+        got = greedy(session(kind, cfg, dtype), cfg, dtype, prompt, 12)
     except ort.capi.onnxruntime_pybind11_state.NotImplemented as e:  # no CPU kernel for this dtype
         pytest.skip(str(e).splitlines()[0])
     want = greedy(session("stock", cfg, dtype), cfg, dtype, prompt, 12)
