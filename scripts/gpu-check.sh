@@ -16,9 +16,11 @@
 #             torch.onnx (models/make_hf_lm.py) and rewritten by `power-retention rewrite`: generate
 #             (equal-work check, with and without CUDA graph) and bench against the export as it is,
 #             after ORT's transformer optimizer, and exported at opset 23 with ONNX's Attention op
+#   lmprof    benches/gpu/profile_step.py: per-operator time of one step of each stock model of lm
+#             (as built, MultiHeadAttention, GroupQueryAttention) at 1k and 32k context
 #   kernelsum scripts/kernel-sum.sh: the summed kernel time of one decode step of that model (ncu),
 #             against generate's per-token latency with a CUDA graph
-# Usage: scripts/gpu-check.sh [kernels|sanitize|ort|bench|lm|lmhf|kernelsum|all]...   (default all; logs in $OUT or /tmp)
+# Usage: scripts/gpu-check.sh [kernels|sanitize|ort|bench|lm|lmhf|lmprof|kernelsum|all]...   (default all; logs in $OUT or /tmp)
 # Ends with one summary table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -99,6 +101,18 @@ if want lmhf; then
   record "HF GPT-2 export" "$(grep -q 'export rc 0' "$log/lmhf.log" && echo pass || echo FAIL)" "$(grep -E '^stock' "$log/lmhf.log" | tr '\n' ' ')"
   record "HF GPT-2 generate (eager, graph)" "$(grep -q 'generate graph rc 0' "$log/lmhf.log" && grep -q 'generate rc 0' "$log/lmhf.log" && echo pass || echo FAIL)" "$(grep -E 'per-token|equal-work' "$log/lmhf.log" | tr '\n' ' ')"
   record "HF GPT-2 bench" "$(grep -q 'bench rc 0' "$log/lmhf.log" && echo done || echo FAIL)" "$(ls "$log"/results-hf/*.md 2>/dev/null | head -n 1)"
+fi
+if want lmprof; then
+  (
+    : > "$log/lmprof.log"
+    source /tmp/ortgpu/env.sh || exit 3
+    [ -f /tmp/lm/stock_gqa.onnx ] || python3 models/make_lm.py /tmp/lm --preset gpt2-small --dtype float16 --max-pos 140000 --stock-fused --stock-gqa >> "$log/lmprof.log" 2>&1
+    for ctx in 1024 32768; do
+      python3 benches/gpu/profile_step.py /tmp/lm/stock.onnx /tmp/lm/stock_fused.onnx /tmp/lm/stock_gqa.onnx --context $ctx >> "$log/lmprof.log" 2>&1
+    done
+    echo "lmprof rc $?" >> "$log/lmprof.log"
+  )
+  while IFS= read -r line; do record "stock step profile" "-" "$line"; done < <(grep 'per run (wall)' "$log/lmprof.log")
 fi
 if want kernelsum; then
   (

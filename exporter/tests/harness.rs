@@ -55,6 +55,17 @@ fn fused_stock_attention_gives_the_stock_logits() {
 }
 
 #[test]
+fn a_stock_model_decodes_the_same_after_releasing_its_memory() {
+    let rt = runtime();
+    let mut stock = StockModel::load(&rt, &tiny().join("stock.onnx"), Device::Cpu).unwrap();
+    let prompt = [5, 90, 13, 2, 77];
+    let before = stock.greedy(&prompt, 6).unwrap();
+    stock.release_memory().unwrap();
+    assert_eq!(stock.greedy(&prompt, 6).unwrap(), before);
+    assert_eq!(stock.time_steps(2, 30, 3, 1).unwrap().len(), 3);
+}
+
+#[test]
 fn the_step_breakdown_accounts_for_each_step() {
     let rt = runtime();
     let mut model = PowerModel::load(&rt, &tiny(), Device::Cpu).unwrap();

@@ -85,7 +85,12 @@ pub fn bench(
                 if cache > o.max_cache_bytes {
                     return (None, format!("skipped (KV cache {} > limit)", bytes(cache)));
                 }
-                match m.time_steps(batch, context, o.steps, seed) {
+                let timed = m.time_steps(batch, context, o.steps, seed);
+                // Its arena's peak is of no use to the next model timed.
+                if let Err(e) = m.release_memory() {
+                    return (None, format!("failed ({e:#})"));
+                }
+                match timed {
                     Ok(t) => (settled(&t), "no timed steps".to_string()),
                     Err(e) => {
                         let first = format!("{e:#}");

@@ -4,7 +4,7 @@
 //! CUDA the token ids, position ids and logits cross with the same plain CUDA copies as the
 //! rewritten model's (`device_copy`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -32,11 +32,17 @@ struct CachePair {
 }
 
 pub struct StockModel {
-    session: Session,
+    /// Declared before the session: ORT's allocator wrapper keeps the session's arena alive.
+    alloc: Allocator,
+    /// Always present outside `release_memory`.
+    session: Option<Session>,
+    /// What reopens the session (`release_memory`).
+    rt: Runtime,
+    model: PathBuf,
+    device: Device,
     /// CUDA copies for the per-step inputs and logits (with `--device cuda`).
     copier: Option<DeviceCopy>,
-    /// The session's allocator for where it runs, and that memory (where outputs are bound).
-    alloc: Allocator,
+    /// Where outputs are bound (the session's allocator above allocates there).
     out_mem: MemoryInfo<'static>,
     pairs: Vec<CachePair>,
     input_ids: String,
@@ -105,32 +111,26 @@ impl StockModel {
         if pairs.is_empty() {
             bail!("the original model has no past_* KV-cache inputs: export it with use_cache / past key values");
         }
-        let (copier, alloc, out_mem) = match device {
-            Device::Cpu => (
-                None,
-                Allocator::default(),
-                MemoryInfo::new(
-                    AllocationDevice::CPU,
-                    0,
-                    AllocatorType::Device,
-                    MemoryType::Default,
-                )?,
-            ),
-            Device::Cuda { .. } => {
-                let mem = MemoryInfo::new(
-                    AllocationDevice::CUDA,
-                    0,
-                    AllocatorType::Device,
-                    MemoryType::Default,
-                )?;
-                let alloc = Allocator::new(&session, mem.clone())?;
-                (Some(DeviceCopy::new(0)?), alloc, mem)
-            }
+        let out_mem = MemoryInfo::new(
+            match device {
+                Device::Cpu => AllocationDevice::CPU,
+                Device::Cuda { .. } => AllocationDevice::CUDA,
+            },
+            0,
+            AllocatorType::Device,
+            MemoryType::Default,
+        )?;
+        let copier = match device {
+            Device::Cpu => None,
+            Device::Cuda { .. } => Some(DeviceCopy::new(0)?),
         };
         Ok(StockModel {
-            session,
+            alloc: allocator(&session, device, &out_mem)?,
+            session: Some(session),
+            rt: rt.clone(),
+            model: model.to_path_buf(),
+            device,
             copier,
-            alloc,
             out_mem,
             pairs,
             input_ids,
@@ -138,6 +138,20 @@ impl StockModel {
             position_ids,
             logits,
         })
+    }
+
+    /// Gives the session's memory back to the device by reopening the session: ORT's arena keeps
+    /// the peak of every run (a long-context KV cache and its copies) until its session ends, and
+    /// a bench holds several baselines at once, so without this the later points of a sweep fail
+    /// for memory the earlier ones no longer use.
+    pub fn release_memory(&mut self) -> Result<()> {
+        // The old allocator and session go first, so two arenas never coexist.
+        self.alloc = Allocator::default();
+        self.session = None;
+        let session = self.rt.plain_session(&self.model, self.device)?;
+        self.alloc = allocator(&session, self.device, &self.out_mem)?;
+        self.session = Some(session);
+        Ok(())
     }
 
     /// Bytes of KV cache per sequence per token of context.
@@ -265,7 +279,11 @@ impl StockModel {
         let b = batch as i64;
         let s = (tokens.len() / batch.max(1)) as i64;
         let total = past_len as i64 + s;
-        let mut binding = self.session.create_binding()?;
+        let mut binding = self
+            .session
+            .as_mut()
+            .context(REOPEN_FAILED)?
+            .create_binding()?;
         let ids = Host::i64(&[b, s], tokens.to_vec());
         self.feed(&mut bufs.input_ids, &ids)?;
         binding.bind_input(
@@ -293,6 +311,8 @@ impl StockModel {
         let t1 = Instant::now();
         let mut out = self
             .session
+            .as_mut()
+            .context(REOPEN_FAILED)?
             .run_binding(&binding)
             .context("stock decode step")?;
         let t2 = Instant::now();
@@ -346,6 +366,16 @@ impl StockModel {
             None => host.to_ort(&Allocator::default()),
         }
     }
+}
+
+const REOPEN_FAILED: &str = "the stock session failed to reopen after releasing its memory";
+
+/// The session's allocator where it runs (the default CPU allocator on the CPU).
+fn allocator(session: &Session, device: Device, mem: &MemoryInfo<'static>) -> Result<Allocator> {
+    Ok(match device {
+        Device::Cpu => Allocator::default(),
+        Device::Cuda { .. } => Allocator::new(session, mem.clone())?,
+    })
 }
 
 /// Per-step input buffers, reused while their shapes stay, and the host logits buffer.
