@@ -82,11 +82,13 @@ if want lm; then
 fi
 if want lmhf; then
   (
-    source /tmp/ortgpu/env.sh || exit 3
     hf=/tmp/hf
+    # Exported before the GPU build of ONNX Runtime is put on the path: its staged copy leaves out
+    # onnxruntime.transformers (the optimizer), which the machine's own CPU build has.
     mk() { python3 models/make_hf_lm.py "$@" --preset gpt2-small --dtype float16 --max-pos 140000 --device cuda; }
     { mk $hf --ort-optimize && mk $hf/opset23 --opset 23; } > "$log/lmhf.log" 2>&1
     echo "export rc $?" >> "$log/lmhf.log"
+    source /tmp/ortgpu/env.sh || exit 3
     .carry/bin/power-retention rewrite $hf/stock.onnx -o $hf >> "$log/lmhf.log" 2>&1
     for g in "" --cuda-graph; do
       .carry/bin/power-retention generate $hf --device cuda $g --new-tokens 48 --prompt-lengths 40,100,7,300 >> "$log/lmhf.log" 2>&1

@@ -185,3 +185,47 @@ fn fixed_shape_decoding_of_a_dynamo_export_matches_dynamic_decoding() {
     assert_eq!(fixed.tokens, dynamic.tokens);
     assert!(fixed.check_error.unwrap() < 1e-4, "{:?}", fixed.check_error);
 }
+
+#[test]
+fn a_bench_sweep_that_fails_for_ours_still_writes_the_points_it_measured() {
+    let rt = runtime();
+    let mut ours = PowerModel::load(&rt, &tiny(), Device::Cpu).unwrap();
+    let mut stock = StockModel::load(&rt, &tiny().join("stock.onnx"), Device::Cpu).unwrap();
+    let out = scratch("harness", "bench-stopped");
+    let o = BenchOptions {
+        // The tiny model has 1024 position embeddings: ours fails at context 2000 (position ids
+        // out of range in its Gather), after the first point was timed.
+        contexts: vec![16, 2000, 32],
+        batches: vec![1],
+        steps: 5,
+        max_cache_bytes: u64::MAX,
+        out_dir: out.clone(),
+        device_name: "cpu test".into(),
+        command: "test".into(),
+    };
+    let err = bench(
+        &mut ours,
+        vec![Baseline {
+            label: "stock".into(),
+            model: &mut stock,
+        }],
+        &o,
+    )
+    .expect_err("context 2000 is past the model's positions");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("stopped after 1 point"), "{msg}");
+    assert!(msg.contains("batch 1, context 2000"), "{msg}");
+    let md_path = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "md"))
+        .expect("a markdown report of the measured point");
+    let md = std::fs::read_to_string(&md_path).unwrap();
+    // The latency row, and the breakdown rows of ours and of stock.
+    assert_eq!(
+        md.lines().filter(|l| l.starts_with("| 1 | 16 |")).count(),
+        3
+    );
+    assert!(!md.contains("| 1 | 32 |"), "no point after the failure");
+    assert!(md.contains("**The sweep stopped here**: ours at batch 1, context 2000"));
+}

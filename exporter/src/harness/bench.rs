@@ -74,10 +74,23 @@ pub fn bench(
     let err = check.check_error.unwrap_or(f64::INFINITY);
     anyhow::ensure!(err < 1e-2, "decode logits differ from prefill logits (rel err {err:.2e}): refusing to time a wrong result");
     let mut rows = Vec::new();
-    for &batch in &o.batches {
+    // Ours failing at a point (e.g. out of device memory for a batch's session) stops the sweep,
+    // but the points already measured are still written, with the reason they end there.
+    let mut stopped = None;
+    'sweep: for &batch in &o.batches {
         for &context in &o.contexts {
-            let ours_b = settled(&ours.time_steps(batch, context, o.steps, 11)?)
-                .context("no timed steps")?;
+            let ours_b = match ours
+                .time_steps(batch, context, o.steps, 11)
+                .and_then(|t| settled(&t).context("no timed steps"))
+            {
+                Ok(b) => b,
+                Err(e) => {
+                    let e = e.context(format!("ours at batch {batch}, context {context}"));
+                    eprintln!("B{batch} context {context}: ours failed, the sweep stops: {e:#}");
+                    stopped = Some(e);
+                    break 'sweep;
+                }
+            };
             // A baseline that fails at one point (typically out of device memory for its KV
             // cache) is reported as such and the sweep goes on; ours failing stops it.
             let time_stock = |m: &mut StockModel, seed| -> (Option<Breakdown>, String) {
@@ -132,8 +145,15 @@ pub fn bench(
     }
     let labels: Vec<String> = baselines.iter().map(|b| b.label.clone()).collect();
     let cache = baselines[0].model.cache_bytes_per_token();
-    write_report(&rows, ours, cache, &labels, o)?;
-    Ok(rows)
+    let why_stopped = stopped.as_ref().map(|e| format!("{e:#}"));
+    write_report(&rows, ours, cache, &labels, why_stopped.as_deref(), o)?;
+    match stopped {
+        Some(e) => Err(e.context(format!(
+            "the sweep stopped after {} point(s); the report holds those",
+            rows.len()
+        ))),
+        None => Ok(rows),
+    }
 }
 
 /// "0.850 (0.910)": median and p90 in ms.
@@ -147,6 +167,7 @@ pub fn render(
     state_bytes: u64,
     cache_bytes: u64,
     labels: &[String],
+    stopped: Option<&str>,
     o: &BenchOptions,
     date: &str,
 ) -> Result<String> {
@@ -208,6 +229,11 @@ pub fn render(
         }
         writeln!(md)?;
     }
+    if let Some(why) = stopped {
+        // One line: a multi-line ORT message would break the markdown.
+        let why = why.split_whitespace().collect::<Vec<_>>().join(" ");
+        writeln!(md, "\n**The sweep stopped here**: {why}")?;
+    }
     writeln!(
         md,
         "\n## Where the time goes\n\nMedians per decode step, ms: inputs (token and position ids host→device; for stock, also the per-step binding of the caches), run (ORT `Run`), logits (device→host, to f32 rows), sampling (greedy, on the host); step = inputs + run + logits, median of the per-step sums.\n"
@@ -247,6 +273,7 @@ fn write_report(
     ours: &PowerModel,
     cache_bytes: u64,
     labels: &[String],
+    stopped: Option<&str>,
     o: &BenchOptions,
 ) -> Result<()> {
     std::fs::create_dir_all(&o.out_dir)
@@ -258,21 +285,27 @@ fn write_report(
         ours.state_bytes_per_sequence(),
         cache_bytes,
         labels,
+        stopped,
         o,
         &date,
     )?;
     let svg = o.out_dir.join(format!("{stem}.svg"));
-    plot(rows, labels, &svg, &o.device_name)?;
-    writeln!(
-        md,
-        "\n![latency per token vs context]({})",
-        svg.file_name()
-            .map(|f| f.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    )?;
+    if !rows.is_empty() {
+        plot(rows, labels, &svg, &o.device_name)?;
+        writeln!(
+            md,
+            "\n![latency per token vs context]({})",
+            svg.file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        )?;
+    }
     let path = o.out_dir.join(format!("{stem}.md"));
     std::fs::write(&path, md).with_context(|| format!("write {}", path.display()))?;
-    println!("wrote {} and {}", path.display(), svg.display());
+    match rows.is_empty() {
+        true => println!("wrote {}", path.display()),
+        false => println!("wrote {} and {}", path.display(), svg.display()),
+    }
     Ok(())
 }
 
