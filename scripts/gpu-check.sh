@@ -86,7 +86,9 @@ if want lmhf; then
     # Exported before the GPU build of ONNX Runtime is put on the path: its staged copy leaves out
     # onnxruntime.transformers (the optimizer), which the machine's own CPU build has.
     mk() { python3 models/make_hf_lm.py "$@" --preset gpt2-small --dtype float16 --max-pos 140000 --device cuda; }
-    { mk $hf --ort-optimize && mk $hf/opset23 --opset 23; } > "$log/lmhf.log" 2>&1
+    # LMHF_ATTENTION_OP=0 skips the opset-23 export (ONNX's Attention op) and its baseline.
+    attn=${LMHF_ATTENTION_OP:-1}
+    { mk $hf --ort-optimize && { [ "$attn" = 0 ] || mk $hf/opset23 --opset 23; }; } > "$log/lmhf.log" 2>&1
     echo "export rc $?" >> "$log/lmhf.log"
     source /tmp/ortgpu/env.sh || exit 3
     .carry/bin/power-retention rewrite $hf/stock.onnx -o $hf >> "$log/lmhf.log" 2>&1
@@ -94,8 +96,9 @@ if want lmhf; then
       .carry/bin/power-retention generate $hf --device cuda $g --new-tokens 48 --prompt-lengths 40,100,7,300 >> "$log/lmhf.log" 2>&1
       echo "generate${g:+ graph} rc $?" >> "$log/lmhf.log"
     done
+    extra=(); [ "$attn" = 0 ] || extra=(--baseline "ONNX Attention op=$hf/opset23/stock.onnx")
     .carry/bin/power-retention bench $hf --stock $hf/stock.onnx --baseline "ORT-optimized=$hf/stock_opt.onnx" \
-      --baseline "ONNX Attention op=$hf/opset23/stock.onnx" --device cuda --cuda-graph \
+      "${extra[@]}" --device cuda --cuda-graph \
       --contexts ${LM_CONTEXTS:-1024,4096,16384,32768,65536,131072} --batches 1,8 --steps ${LM_STEPS:-30} \
       --max-cache-gib 24 --out "$log/results-hf" --device-name "$gpu" >> "$log/lmhf.log" 2>&1
     echo "bench rc $?" >> "$log/lmhf.log"
