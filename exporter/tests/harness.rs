@@ -115,6 +115,7 @@ fn bench_reports_stock_fused_and_where_the_time_goes() {
         out_dir: out.clone(),
         device_name: "cpu test".into(),
         command: "test".into(),
+        stock_attention: None,
     };
     let rows = bench(
         &mut ours,
@@ -202,6 +203,7 @@ fn a_bench_sweep_that_fails_for_ours_still_writes_the_points_it_measured() {
         out_dir: out.clone(),
         device_name: "cpu test".into(),
         command: "test".into(),
+        stock_attention: None,
     };
     let err = bench(
         &mut ours,

@@ -26,6 +26,8 @@ pub struct BenchOptions {
     pub out_dir: PathBuf,
     pub device_name: String,
     pub command: String,
+    /// On CUDA: which attention kernels the stock models may use (for the report header).
+    pub stock_attention: Option<String>,
 }
 
 /// One (batch, context) point: where each model's decode steps spent their time.
@@ -194,6 +196,9 @@ pub fn render(
             .collect::<Vec<_>>()
             .join(", ")
     )?;
+    if let Some(a) = &o.stock_attention {
+        writeln!(md, "- stock models' fused attention ops may use: {a}")?;
+    }
     writeln!(md)?;
     let mut head = "| batch | context | ours ms/token (p90) | ours tokens/s |".to_string();
     let mut rule = "|---|---|---|---|".to_string();

@@ -8,7 +8,7 @@ use clap::{Args, ValueEnum};
 use super::bench::{bench, Baseline, BenchOptions};
 use super::decoder::PowerModel;
 use super::generate::{generate, random_prompts, GenerateOptions};
-use super::runtime::{Device, Runtime};
+use super::runtime::{Device, Runtime, StockAttention};
 use super::sampling::Sampling;
 use super::stock::StockModel;
 
@@ -160,12 +160,18 @@ pub struct BenchArgs {
     /// Device description for the report header (default: the --device name)
     #[arg(long)]
     pub device_name: Option<String>,
+    /// On CUDA, the attention kernels ONNX Runtime may use for the stock models' fused attention
+    /// ops: no-cudnn (default; cuDNN's flash attention builds a plan per KV length, i.e. per
+    /// step) or ort-default
+    #[arg(long, value_enum, default_value = "no-cudnn")]
+    pub stock_attention: StockAttention,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 }
 
 pub fn run_bench(a: &BenchArgs) -> Result<()> {
-    let (device, rt) = a.runtime.open()?;
+    let (device, mut rt) = a.runtime.open()?;
+    rt.stock_attention = a.stock_attention;
     let mut ours = PowerModel::load(&rt, &a.model_dir, device)?;
     let mut models = vec![(
         "stock".to_string(),
@@ -192,6 +198,10 @@ pub fn run_bench(a: &BenchArgs) -> Result<()> {
             .clone()
             .unwrap_or_else(|| device.name().to_string()),
         command,
+        stock_attention: match device {
+            Device::Cpu => None,
+            Device::Cuda { .. } => Some(a.stock_attention.describe().to_string()),
+        },
     };
     let baselines = models
         .iter_mut()

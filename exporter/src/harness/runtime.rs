@@ -31,6 +31,30 @@ impl Device {
     }
 }
 
+/// Which attention kernels ONNX Runtime's CUDA EP may pick for the fused attention ops
+/// (MultiHeadAttention, GroupQueryAttention, Attention) of stock models.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum StockAttention {
+    /// Every backend but cuDNN's flash attention. ORT 1.31 on an H100 picks cuDNN for these ops
+    /// and builds a new cuDNN plan for every new KV length, i.e. at every decode step: 55–70 ms
+    /// per step against 1.4–1.8 ms without it (benches/RESULTS.md, 2026-12-07). Timing that would
+    /// time the plan builder, not attention.
+    #[default]
+    NoCudnn,
+    /// ONNX Runtime's own choice (its defaults, and its ORT_* environment switches).
+    OrtDefault,
+}
+
+impl StockAttention {
+    /// For report headers.
+    pub fn describe(self) -> &'static str {
+        match self {
+            StockAttention::NoCudnn => "every CUDA attention backend of ONNX Runtime but cuDNN flash attention (`--stock-attention no-cudnn`)",
+            StockAttention::OrtDefault => "ONNX Runtime's default choice (`--stock-attention ort-default`)",
+        }
+    }
+}
+
 /// Cheap to clone: the environment is shared.
 #[derive(Clone)]
 pub struct Runtime {
@@ -38,6 +62,8 @@ pub struct Runtime {
     pub plugin: PathBuf,
     pub ort_lib: PathBuf,
     pub threads: usize,
+    /// Attention backends of stock models' sessions on CUDA.
+    pub stock_attention: StockAttention,
 }
 
 /// The ORT shared library: `--ort`, else ORT_DYLIB_PATH, else the wheel in `.venv`.
@@ -111,6 +137,7 @@ impl Runtime {
             plugin,
             ort_lib,
             threads,
+            stock_attention: StockAttention::default(),
         })
     }
 
@@ -161,10 +188,20 @@ impl Runtime {
                 .with_context(|| format!("register {}", self.plugin.display()))?;
         }
         if let Device::Cuda { .. } = device {
-            let cuda = ort::ep::CUDA::default()
-                .with_cuda_graph(cuda_graph)
-                .build()
-                .error_on_failure();
+            let mut cuda = ort::ep::CUDA::default().with_cuda_graph(cuda_graph);
+            if !plugin && self.stock_attention == StockAttention::NoCudnn {
+                use ort::ep::cuda::AttentionBackend as A;
+                cuda = cuda.with_attention_backend(
+                    A::FLASH_ATTENTION
+                        | A::EFFICIENT_ATTENTION
+                        | A::TRT_FUSED_ATTENTION
+                        | A::MATH
+                        | A::TRT_FLASH_ATTENTION
+                        | A::TRT_CROSS_ATTENTION
+                        | A::TRT_CAUSAL_ATTENTION,
+                );
+            }
+            let cuda = cuda.build().error_on_failure();
             b = b.with_execution_providers([cuda]).map_err(builder_error)?;
         }
         b.commit_from_file(model)
