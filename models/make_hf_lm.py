@@ -53,7 +53,7 @@ def export(a):
     model = transformers.GPT2LMHeadModel(conf).eval()
     model = model.to(device=a.device, dtype=dtype)
     layers, heads, hd = conf.n_layer, conf.n_head, conf.n_embd // conf.n_head
-    wrapper = WithPast(model, layers)
+    wrapper = WithPast(model, layers).eval()  # (a new module is in training mode; the export warns)
     g = torch.Generator().manual_seed(1)
 
     def inputs(b, s, p):
