@@ -170,8 +170,8 @@ pub struct BenchArgs {
 }
 
 pub fn run_bench(a: &BenchArgs) -> Result<()> {
-    let (device, mut rt) = a.runtime.open()?;
-    rt.stock_attention = a.stock_attention;
+    a.stock_attention.apply_before_ort();
+    let (device, rt) = a.runtime.open()?;
     let mut ours = PowerModel::load(&rt, &a.model_dir, device)?;
     let mut models = vec![(
         "stock".to_string(),
@@ -200,7 +200,7 @@ pub fn run_bench(a: &BenchArgs) -> Result<()> {
         command,
         stock_attention: match device {
             Device::Cpu => None,
-            Device::Cuda { .. } => Some(a.stock_attention.describe().to_string()),
+            Device::Cuda { .. } => Some(a.stock_attention.describe()),
         },
     };
     let baselines = models

@@ -36,21 +36,35 @@ impl Device {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum StockAttention {
     /// Every backend but cuDNN's flash attention. ORT 1.31 on an H100 picks cuDNN for these ops
-    /// and builds a new cuDNN plan for every new KV length, i.e. at every decode step: 55–70 ms
-    /// per step against 1.4–1.8 ms without it (benches/RESULTS.md, 2026-12-07). Timing that would
-    /// time the plan builder, not attention.
+    /// and pays ≈60 ms at every new KV length, i.e. at every decode step: 55–70 ms per step
+    /// against 1.4–1.6 ms without it (benches/RESULTS.md, 2026-12-07). Timing that would time
+    /// cuDNN's set-up, not attention.
     #[default]
     NoCudnn,
     /// ONNX Runtime's own choice (its defaults, and its ORT_* environment switches).
     OrtDefault,
 }
 
+/// ORT's switch for cuDNN flash attention, read by its CUDA EP.
+const CUDNN_SWITCH: &str = "ORT_ENABLE_CUDNN_FLASH_ATTENTION";
+
 impl StockAttention {
-    /// For report headers.
-    pub fn describe(self) -> &'static str {
-        match self {
-            StockAttention::NoCudnn => "every CUDA attention backend of ONNX Runtime but cuDNN flash attention (`--stock-attention no-cudnn`)",
-            StockAttention::OrtDefault => "ONNX Runtime's default choice (`--stock-attention ort-default`)",
+    /// Applies the choice. Must run before ONNX Runtime is loaded (while the process has one
+    /// thread): ORT's CUDA EP reads the switch from the environment, which is the setting measured
+    /// in RESULTS.md. The CUDA EP's `sdpa_kernel` bitmask would do it per session, but its bits
+    /// differ between ORT versions. A switch the user set is left as it is.
+    pub fn apply_before_ort(self) {
+        if self == StockAttention::NoCudnn && std::env::var_os(CUDNN_SWITCH).is_none() {
+            std::env::set_var(CUDNN_SWITCH, "0");
+        }
+    }
+
+    /// For report headers: what the stock models' attention ops ran with.
+    pub fn describe(self) -> String {
+        match (self, std::env::var(CUDNN_SWITCH).ok()) {
+            (StockAttention::NoCudnn, Some(v)) if v == "0" => format!("every CUDA attention backend of ONNX Runtime but cuDNN flash attention (`--stock-attention no-cudnn`: {CUDNN_SWITCH}=0)"),
+            (_, Some(v)) => format!("ONNX Runtime's choice with {CUDNN_SWITCH}={v} as set by the caller"),
+            (_, None) => "ONNX Runtime's default choice (`--stock-attention ort-default`)".to_string(),
         }
     }
 }
@@ -62,8 +76,6 @@ pub struct Runtime {
     pub plugin: PathBuf,
     pub ort_lib: PathBuf,
     pub threads: usize,
-    /// Attention backends of stock models' sessions on CUDA.
-    pub stock_attention: StockAttention,
 }
 
 /// The ORT shared library: `--ort`, else ORT_DYLIB_PATH, else the wheel in `.venv`.
@@ -137,7 +149,6 @@ impl Runtime {
             plugin,
             ort_lib,
             threads,
-            stock_attention: StockAttention::default(),
         })
     }
 
@@ -188,19 +199,7 @@ impl Runtime {
                 .with_context(|| format!("register {}", self.plugin.display()))?;
         }
         if let Device::Cuda { .. } = device {
-            let mut cuda = ort::ep::CUDA::default().with_cuda_graph(cuda_graph);
-            if !plugin && self.stock_attention == StockAttention::NoCudnn {
-                use ort::ep::cuda::AttentionBackend as A;
-                cuda = cuda.with_attention_backend(
-                    A::FLASH_ATTENTION
-                        | A::EFFICIENT_ATTENTION
-                        | A::TRT_FUSED_ATTENTION
-                        | A::MATH
-                        | A::TRT_FLASH_ATTENTION
-                        | A::TRT_CROSS_ATTENTION
-                        | A::TRT_CAUSAL_ATTENTION,
-                );
-            }
+            let cuda = ort::ep::CUDA::default().with_cuda_graph(cuda_graph);
             let cuda = cuda.build().error_on_failure();
             b = b.with_execution_providers([cuda]).map_err(builder_error)?;
         }
