@@ -30,6 +30,17 @@ fn tiny() -> std::path::PathBuf {
     repo_root().join("models/tiny_retention")
 }
 
+/// The markdown report `bench` wrote into `out`: its path and text.
+fn report_in(out: &std::path::Path) -> (std::path::PathBuf, String) {
+    let path = std::fs::read_dir(out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "md"))
+        .expect("a markdown report");
+    let md = std::fs::read_to_string(&path).unwrap();
+    (path, md)
+}
+
 #[test]
 fn fused_stock_attention_gives_the_stock_logits() {
     let rt = runtime();
@@ -140,12 +151,7 @@ fn bench_reports_stock_fused_and_where_the_time_goes() {
             assert_eq!(b.is_none(), skipped, "{}x{}", r.batch, r.context);
         }
     }
-    let md_path = std::fs::read_dir(&out)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|e| e == "md"))
-        .expect("a markdown report");
-    let md = std::fs::read_to_string(&md_path).unwrap();
+    let (md_path, md) = report_in(&out);
     assert!(
         md.contains("| stock ms/token (p90) | stock tokens/s | speed-up vs stock | stock fused ms/token (p90) | stock fused tokens/s | speed-up vs stock fused |")
     );
@@ -217,12 +223,7 @@ fn a_bench_sweep_that_fails_for_ours_still_writes_the_points_it_measured() {
     let msg = format!("{err:#}");
     assert!(msg.contains("stopped after 1 point"), "{msg}");
     assert!(msg.contains("batch 1, context 2000"), "{msg}");
-    let md_path = std::fs::read_dir(&out)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|e| e == "md"))
-        .expect("a markdown report of the measured point");
-    let md = std::fs::read_to_string(&md_path).unwrap();
+    let (_, md) = report_in(&out);
     // The latency row, and the breakdown rows of ours and of stock.
     assert_eq!(
         md.lines().filter(|l| l.starts_with("| 1 | 16 |")).count(),

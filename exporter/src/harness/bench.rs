@@ -307,9 +307,10 @@ fn write_report(
     }
     let path = o.out_dir.join(format!("{stem}.md"));
     std::fs::write(&path, md).with_context(|| format!("write {}", path.display()))?;
-    match rows.is_empty() {
-        true => println!("wrote {}", path.display()),
-        false => println!("wrote {} and {}", path.display(), svg.display()),
+    if rows.is_empty() {
+        println!("wrote {}", path.display());
+    } else {
+        println!("wrote {} and {}", path.display(), svg.display());
     }
     Ok(())
 }

@@ -199,8 +199,10 @@ impl Runtime {
                 .with_context(|| format!("register {}", self.plugin.display()))?;
         }
         if let Device::Cuda { .. } = device {
-            let cuda = ort::ep::CUDA::default().with_cuda_graph(cuda_graph);
-            let cuda = cuda.build().error_on_failure();
+            let cuda = ort::ep::CUDA::default()
+                .with_cuda_graph(cuda_graph)
+                .build()
+                .error_on_failure();
             b = b.with_execution_providers([cuda]).map_err(builder_error)?;
         }
         b.commit_from_file(model)
