@@ -84,5 +84,17 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
+// Waits until at most N of this thread's most recent cp.async groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait_group() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// Both halves of a bf16x2 register set to the same bf16 value.
+__device__ __forceinline__ uint32_t splat_bf16(__nv_bfloat16 x) {
+  const uint32_t u = *reinterpret_cast<const unsigned short*>(&x);
+  return u | (u << 16);
+}
+
 }  // namespace mma
 }  // namespace pr

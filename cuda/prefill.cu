@@ -24,6 +24,7 @@
 #include <math.h>
 
 #include "common.cuh"
+#include "prefill_chunked.cuh"
 #include "prefill_tc.cuh"
 
 namespace pr {
@@ -298,7 +299,9 @@ cudaError_t dispatch_dk(const PrPrefillParams& p, const PrefillShape& sh, cudaSt
 }  // namespace
 }  // namespace pr
 
-extern "C" uint64_t pr_prefill_workspace_bytes(const PrPrefillParams*) { return 0; }
+extern "C" uint64_t pr_prefill_workspace_bytes(const PrPrefillParams* params) {
+  return params == nullptr ? 0 : pr::prefill_chunked_workspace_bytes(*params);
+}
 
 namespace {
 // Shared validation of pr_prefill and pr_prefill_simt: 1 = invalid, 0 = nothing to launch, -1 = launch.
@@ -330,6 +333,8 @@ extern "C" int pr_prefill(const PrPrefillParams* params, void* stream) {
   const int v = validate(params);
   if (v >= 0) return v;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const uint64_t ws = pr::prefill_chunked_workspace_bytes(*params);
+  if (ws > 0 && params->workspace != nullptr && params->workspace_bytes >= ws) return pr::prefill_chunked(*params, s);
   if (pr::prefill_tc_supports(*params)) return pr::prefill_tc(*params, s);
   return simt(*params, s);
 }

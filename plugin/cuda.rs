@@ -1,6 +1,6 @@
 //! The CUDA backend: the same validated dims as the CPU path, device buffers from ORT, and the
-//! kernels of `cuda/` launched on ORT's stream (no host synchronisation, no allocation, so a
-//! decode step can be captured in a CUDA graph).
+//! kernels of `cuda/` launched on ORT's stream (no host synchronisation and no allocation outside
+//! ORT's allocator, so a decode step can be captured in a CUDA graph).
 
 use crate::error::{Error, Result};
 use crate::ffi::context::ComputeContext;
@@ -102,7 +102,23 @@ pub fn compute(k: &Kernel, dims: Dims, ctx: &mut ComputeContext<'_>) -> Result<(
                 &shape(&dims, op, prefill::PRESENT_SUM_OF_KEYS),
             )?,
         };
-        return cuda::prefill(op.name, &launch, stream);
+        // The two-kernel prefill keeps per-chunk states in scratch from the EP's allocator. If
+        // that allocation fails the one-kernel path runs instead (same outputs, slower).
+        let need = cuda::prefill_workspace_bytes(op.name, &launch)?;
+        let scratch = if need > 0 {
+            ctx.device_scratch(prefill::QUERY, need).ok()
+        } else {
+            None
+        };
+        cuda::prefill(
+            op.name,
+            &launch,
+            scratch.as_ref().map(|s| s.buffer()),
+            stream,
+        )?;
+        // Freed here, after the enqueue: the arena hands the block to later work of this stream.
+        drop(scratch);
+        return Ok(());
     }
     let wired = |o: usize| Error::Unsupported {
         op: op.name,

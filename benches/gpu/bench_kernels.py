@@ -1,7 +1,7 @@
 """Times pr_prefill / pr_decode against the `retention` package (Triton) and torch SDPA flash.
 
 bf16, B=1, H=16 (Hq = Hkv), Dk = Dv = 64, deg 2, gated. Run on the GPU machine:
-  python3 benches/gpu/bench_kernels.py [--quick] [--decode-only]
+  python3 benches/gpu/bench_kernels.py [--quick] [--decode-only | --prefill-only]
 Correctness is checked before timing (our output vs the package's, ||err||/||ref||). Times are medians
 of CUDA-event-timed repetitions (triton.testing.do_bench, L2 flushed between repetitions for the
 single-call timings). Prints one table per op.
@@ -42,6 +42,9 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+CHUNKS = (512, 1024, 2048)  # chunk_size hints of the two-kernel prefill (1024 is its default)
+
+
 def prefill_rows():
     import retention
     rows = []
@@ -57,23 +60,28 @@ def prefill_rows():
             y = f()
             pkg[c] = (bench(f, rep=100), rel(out, y))
         c_best = min(pkg, key=lambda c: pkg[c][0])
-        t_ours = bench(lambda: prlib.prefill(q, k, v, lg, out, SCALE, None, (nS, ns)), rep=100)
-        t_simt = bench(lambda: prlib.prefill(q, k, v, lg, out, SCALE, None, (nS, ns), simt=True), rep=20)
+        ours = {c: bench(lambda c=c: prlib.prefill(q, k, v, lg, out, SCALE, None, (nS, ns), chunk=c), rep=100)
+                for c in CHUNKS}
+        t_one = bench(lambda: prlib.prefill(q, k, v, lg, out, SCALE, None, (nS, ns), kernel="tc"), rep=50)
         qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
             t_sdpa = bench(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True), rep=100)
-        flops = 2 * S * D * DV * (H + H) + 2 * H * S * 64 * (DK + DV)  # state terms + in-chunk (c = 64)
-        rows.append((S, t_ours, pkg[c_best][0], c_best, t_sdpa, pkg[c_best][1], flops, t_simt))
+        # useful work of the default chunk: state terms (query and update) + causal in-chunk attention
+        flops = 2 * S * D * DV * (H + H) + 2 * H * S * (min(S, 1024) / 2) * (DK + DV)
+        rows.append((S, ours, t_one, pkg[c_best][0], c_best, t_sdpa, pkg[c_best][1], flops))
         del q, k, v, lg, out
         torch.cuda.empty_cache()
-    print("\nPREFILL  bf16 B=1 H=16 D=64 deg=2 gated (ours: with present_state; package: best chunk of 128/1024)")
-    print(f"{'shape':<18}{'ours ms':>9}{'simt ms':>9}{'pkg ms':>9}{'(chunk)':>8}{'sdpa ms':>9}{'pkg/ours':>9}{'sdpa/ours':>10}"
-          f"{'bar ms':>8}{'TF/s':>7}{'%989':>6}{'%798':>6}{'err vs pkg':>11}")
+    print("\nPREFILL  bf16 B=1 H=16 D=64 deg=2 gated (ours: two kernels with present_state, chunk hint c; one-kernel:"
+          " the previous tensor-core prefill; package: best chunk of 128/1024)")
+    print(f"{'shape':<18}" + "".join(f"{f'ours c{c}':>10}" for c in CHUNKS) + f"{'1-kernel':>9}{'pkg ms':>9}{'(chunk)':>8}"
+          f"{'sdpa ms':>9}{'pkg/ours':>9}{'1k/ours':>8}{'sdpa/ours':>10}{'bar ms':>8}{'TF/s':>7}{'%989':>6}{'err vs pkg':>11}")
     bars = {2048: 0.25, 8192: 0.45, 32768: 1.5, 131072: 5.5}
-    for S, to, tp, c, ts, err, fl, tsimt in rows:
+    for S, ours, tone, tp, c, ts, err, fl in rows:
+        to = ours[1024]
         tf = fl / (to * 1e-3) / 1e12
-        print(f"{f'B1_T{S}_H16_D64':<18}{to:>9.3f}{tsimt:>9.3f}{tp:>9.3f}{c:>8}{ts:>9.3f}{tp / to:>9.2f}{ts / to:>10.2f}"
-              f"{bars[S]:>8.2f}{tf:>7.1f}{100 * tf * 1e12 / TC_NOMINAL:>6.1f}{100 * tf * 1e12 / TC_MEASURED:>6.1f}{err:>11.1e}")
+        print(f"{f'B1_T{S}_H16_D64':<18}" + "".join(f"{ours[c]:>10.3f}" for c in CHUNKS) + f"{tone:>9.3f}{tp:>9.3f}{c:>8}"
+              f"{ts:>9.3f}{tp / to:>9.2f}{tone / to:>8.2f}{ts / to:>10.2f}{bars[S]:>8.2f}{tf:>7.1f}"
+              f"{100 * tf * 1e12 / TC_NOMINAL:>6.1f}{err:>11.1e}")
 
 
 def decode_rows():
@@ -157,6 +165,7 @@ def decode_rows():
 
 if __name__ == "__main__":
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
-    decode_rows()
+    if "--prefill-only" not in sys.argv:
+        decode_rows()
     if "--decode-only" not in sys.argv:
         prefill_rows()

@@ -426,7 +426,9 @@ impl Parallel for OrtParallel<'_> {
 #[cfg(has_cuda)]
 mod device {
     use super::*;
+    use crate::ffi::api::release;
     use crate::ffi::cuda::{copy_async, DeviceBuffer, Stream};
+    use ort_sys::{OrtAllocator, OrtMemoryInfo};
 
     impl RawTensor {
         fn device(&self) -> DeviceBuffer {
@@ -438,7 +440,68 @@ mod device {
         }
     }
 
+    /// Device scratch from the allocator of the memory an input lives in (ORT's CUDA arena),
+    /// returned to it on drop. The arena is not stream-ordered: drop it only after everything
+    /// that uses it was enqueued on this call's stream, which is the stream later users of the
+    /// block run on within a session run.
+    pub struct Scratch {
+        allocator: *mut OrtAllocator,
+        buffer: DeviceBuffer,
+    }
+
+    impl Scratch {
+        pub fn buffer(&self) -> DeviceBuffer {
+            self.buffer
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            // SAFETY: the pointer came from AllocatorAlloc of this allocator and is freed once;
+            // the allocator handle came from KernelContext_GetAllocator and is released once.
+            unsafe {
+                release((api().AllocatorFree)(self.allocator, self.buffer.ptr));
+                (api().ReleaseAllocator)(self.allocator);
+            }
+        }
+    }
+
     impl<'a> ComputeContext<'a> {
+        /// `bytes` of device scratch on the device that input `near` lives on.
+        pub fn device_scratch(&self, near: usize, bytes: usize) -> Result<Scratch> {
+            let api = api();
+            let mut value: *const OrtValue = std::ptr::null();
+            // SAFETY: raw is this call's context; value is a valid out pointer.
+            check(unsafe { (api.KernelContext_GetInput)(self.raw, near, &mut value) })
+                .map_err(|m| self.rt(m))?;
+            if value.is_null() {
+                return Err(self.internal(format!("scratch near absent input {near}")));
+            }
+            let mut info: *const OrtMemoryInfo = std::ptr::null();
+            // SAFETY: value is a live input tensor of this call; info is borrowed from it.
+            check(unsafe { (api.GetTensorMemoryInfo)(value, &mut info) })
+                .map_err(|m| self.rt(m))?;
+            let mut allocator: *mut OrtAllocator = std::ptr::null_mut();
+            // SAFETY: raw and info are valid for this call; allocator is a valid out pointer.
+            check(unsafe { (api.KernelContext_GetAllocator)(self.raw, info, &mut allocator) })
+                .map_err(|m| self.rt(m))?;
+            let mut ptr: *mut c_void = std::ptr::null_mut();
+            // SAFETY: allocator is live until released below or by Scratch's drop.
+            if let Err(m) = check(unsafe { (api.AllocatorAlloc)(allocator, bytes, &mut ptr) }) {
+                // SAFETY: released once, on this failure path only.
+                unsafe { (api.ReleaseAllocator)(allocator) };
+                return Err(self.rt(format!("scratch of {bytes} bytes: {m}")));
+            }
+            Ok(Scratch {
+                allocator,
+                buffer: DeviceBuffer {
+                    ptr,
+                    bytes,
+                    elem: ElemType::F32,
+                },
+            })
+        }
+
         /// The CUDA stream ORT runs this call on (fetched per call: streams are per run).
         pub fn stream(&self) -> Result<Stream> {
             let mut s = std::ptr::null_mut();

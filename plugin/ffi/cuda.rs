@@ -64,6 +64,7 @@ struct PrDecodeParams {
 
 unsafe extern "C" {
     fn pr_prefill(params: *const PrPrefillParams, stream: *mut c_void) -> i32;
+    fn pr_prefill_workspace_bytes(params: *const PrPrefillParams) -> u64;
     fn pr_decode(params: *const PrDecodeParams, stream: *mut c_void) -> i32;
     fn pr_abi_layout(out: *mut u64, capacity: i32) -> i32;
     fn cudaMemcpyAsync(
@@ -196,10 +197,9 @@ fn c_ptr<T>(b: Option<DeviceBuffer>) -> *mut T {
     b.map_or(std::ptr::null_mut(), |b| b.ptr as *mut T)
 }
 
-pub fn prefill(op: &'static str, l: &PrefillLaunch<'_>, stream: Stream) -> Result<()> {
-    abi_checked(op)?;
+fn prefill_params(l: &PrefillLaunch<'_>, workspace: Option<DeviceBuffer>) -> PrPrefillParams {
     let d = l.dims;
-    let p = PrPrefillParams {
+    PrPrefillParams {
         batch: d.b as i64,
         seq_len: d.s as i64,
         q_heads: d.hq as i32,
@@ -219,9 +219,29 @@ pub fn prefill(op: &'static str, l: &PrefillLaunch<'_>, stream: Stream) -> Resul
         output: l.output.ptr,
         present_state: c_ptr(l.present_state),
         present_sum_of_keys: c_ptr(l.present_sum_of_keys),
-        workspace: std::ptr::null_mut(),
-        workspace_bytes: 0,
-    };
+        workspace: c_ptr(workspace),
+        workspace_bytes: workspace.map_or(0, |w| w.bytes as u64),
+    }
+}
+
+/// Scratch bytes the fastest prefill kernel for this launch needs (0: none).
+pub fn prefill_workspace_bytes(op: &'static str, l: &PrefillLaunch<'_>) -> Result<usize> {
+    abi_checked(op)?;
+    let p = prefill_params(l, None);
+    // SAFETY: the launcher only reads the params (sizes, dtype and pointer alignment).
+    Ok(unsafe { pr_prefill_workspace_bytes(&p) } as usize)
+}
+
+/// Enqueues the prefill; `workspace` (device scratch of `prefill_workspace_bytes` bytes, alive
+/// until the kernels have run on `stream`) selects the two-kernel path where it applies.
+pub fn prefill(
+    op: &'static str,
+    l: &PrefillLaunch<'_>,
+    workspace: Option<DeviceBuffer>,
+    stream: Stream,
+) -> Result<()> {
+    abi_checked(op)?;
+    let p = prefill_params(l, workspace);
     // SAFETY: every pointer is a device buffer of the size the validated dims imply (or null where
     // the header allows it); the launcher only enqueues work on ORT's stream for this call.
     let code = unsafe { pr_prefill(&p, stream.0) };

@@ -38,6 +38,8 @@ lib.pr_prefill_simt.argtypes = [ctypes.POINTER(PrPrefillParams), c_ptr]
 lib.pr_prefill_simt.restype = ctypes.c_int
 lib.pr_decode.argtypes = [ctypes.POINTER(PrDecodeParams), c_ptr]
 lib.pr_decode.restype = ctypes.c_int
+lib.pr_prefill_workspace_bytes.argtypes = [ctypes.POINTER(PrPrefillParams)]
+lib.pr_prefill_workspace_bytes.restype = c_u64
 lib.pr_abi_layout.argtypes = [ctypes.POINTER(c_u64), c_i32]
 lib.pr_abi_layout.restype = c_i32
 
@@ -59,7 +61,7 @@ def stream_handle():
     return ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
 
 
-def prefill_params(q, k, v, lg, out, scale, past=None, present=None):
+def prefill_params(q, k, v, lg, out, scale, past=None, present=None, chunk=0):
     B, S, Hq, Dk = q.shape
     Hkv, Dv = k.shape[2], v.shape[3]
     pS, ps = past if past is not None else (None, None)
@@ -68,10 +70,29 @@ def prefill_params(q, k, v, lg, out, scale, past=None, present=None):
                            _p(pS), _p(ps), _p(out), _p(nS), _p(ns), None, 0)
 
 
-def prefill(q, k, v, lg, out, scale, past=None, present=None, simt=False):
-    """pr_prefill (the tensor-core kernel where it applies), or pr_prefill_simt with simt=True."""
+_workspaces = {}
+
+
+def workspace(nbytes):
+    """A cached device buffer of at least nbytes (reused across calls, as ORT's arena would)."""
+    w = _workspaces.get("ws")
+    if w is None or w.numel() < nbytes:
+        _workspaces["ws"] = w = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    return w
+
+
+def prefill(q, k, v, lg, out, scale, past=None, present=None, kernel="auto", chunk=0):
+    """pr_prefill as ORT calls it (kernel "auto": given the workspace it asks for, so the chunked
+    two-kernel path runs where it applies), "tc" (no workspace: the one-kernel tensor-core path where
+    it applies) or "simt" (pr_prefill_simt). chunk is the chunk_size hint."""
+    assert kernel in ("auto", "tc", "simt"), kernel
     prm = prefill_params(q, k, v, lg, out, scale, past, present)
-    return (lib.pr_prefill_simt if simt else lib.pr_prefill)(ctypes.byref(prm), stream_handle())
+    prm.chunk_size = chunk
+    if kernel == "auto":
+        n = lib.pr_prefill_workspace_bytes(ctypes.byref(prm))
+        if n > 0:
+            prm.workspace, prm.workspace_bytes = workspace(n).data_ptr(), n
+    return (lib.pr_prefill_simt if kernel == "simt" else lib.pr_prefill)(ctypes.byref(prm), stream_handle())
 
 
 def decode_params(q, k, v, lg, out, scale, state, ssum, kc, vc, lgc, clen):

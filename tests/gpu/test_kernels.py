@@ -104,8 +104,9 @@ def cumsum_or_zero(lg, shape):
     return torch.zeros(shape, device=dev, dtype=torch.float64) if lg is None else lg.double().cumsum(0)
 
 
-def check_prefill(B, S, Hq, Hkv, Dk, Dv, dtype, gated, past, gen, simt=False):
-    """simt=True forces the SIMT kernel (bf16 with Dk 32/64 otherwise runs on tensor cores)."""
+def check_prefill(B, S, Hq, Hkv, Dk, Dv, dtype, gated, past, gen, kernel="auto", chunk=0):
+    """kernel: "auto" (pr_prefill with its workspace: the chunked kernels for bf16 Dk = Dv = 64),
+    "tc" (no workspace: the one-kernel tensor-core path for bf16 Dk 32/64) or "simt"."""
     q, k, v, lg = rand_inputs(B, S, Hq, Hkv, Dk, Dv, dtype, gated, gen)
     scale = 1.0 / math.sqrt(Dk)
     D = Dk * (Dk + 1) // 2
@@ -113,7 +114,7 @@ def check_prefill(B, S, Hq, Hkv, Dk, Dv, dtype, gated, past, gen, simt=False):
     out = torch.full((B, S, Hq, Dv), float("nan"), device=dev, dtype=dtype)
     nS = torch.full((B, Hkv, D, Dv), float("nan"), device=dev)
     ns = torch.full((B, Hkv, D), float("nan"), device=dev)
-    rc = prlib.prefill(q, k, v, lg, out, scale, (S0, s0) if past else None, (nS, ns), simt=simt)
+    rc = prlib.prefill(q, k, v, lg, out, scale, (S0, s0) if past else None, (nS, ns), kernel=kernel, chunk=chunk)
     torch.cuda.synchronize()
     assert rc == 0, rc
     eo = es = 0.0
@@ -129,7 +130,7 @@ def check_prefill(B, S, Hq, Hkv, Dk, Dv, dtype, gated, past, gen, simt=False):
         else:
             RS, Rs = torch.zeros_like(nS[b]).double(), torch.zeros_like(ns[b]).double()
         es = max(es, rel(nS[b], RS), rel(ns[b], Rs))
-    tag = " (simt)" if simt else ""
+    tag = ("" if kernel == "auto" else f" ({kernel})") + (f" chunk {chunk}" if chunk else "")
     record("prefill out" + tag, dtype, eo)
     record("prefill state" + tag, dtype, es, tol=1e-4 if dtype == torch.float32 else TOL[dtype])
 
@@ -230,8 +231,12 @@ def main(small):
         for (B, S, Hq, Hkv, Dk, Dv) in shapes:
             for gated, past in flags:
                 check_prefill(B, S, Hq, Hkv, Dk, Dv, dtype, gated, past, gen)
-                if dtype == torch.bfloat16 and Dk <= 64:  # the tensor-core kernel ran: check the other too
-                    check_prefill(B, S, Hq, Hkv, Dk, Dv, dtype, gated, past, gen, simt=True)
+                if dtype == torch.bfloat16 and Dk <= 64:  # a tensor-core path ran: check the others too
+                    if Dk == 64 and Dv == 64:  # "auto" was the chunked kernels
+                        check_prefill(B, S, Hq, Hkv, Dk, Dv, dtype, gated, past, gen, kernel="tc")
+                        if S > 256:  # several chunks of the shortest length
+                            check_prefill(B, S, Hq, Hkv, Dk, Dv, dtype, gated, past, gen, chunk=256)
+                    check_prefill(B, S, Hq, Hkv, Dk, Dv, dtype, gated, past, gen, kernel="simt")
     caps = [16] if small else [1, 16, 64]
     # Dv 8 and 128 (with Dk 64 too), Dk 32 with Dv 96 (12 column blocks), GQA.
     heads = [(4, 2, 32, 32)] if small else [(4, 4, 64, 64), (8, 2, 64, 64), (2, 1, 32, 64), (2, 2, 128, 128),

@@ -1,0 +1,572 @@
+// PowerRetention prefill in two kernels over long chunks, on tensor cores (bf16, Dk = Dv = 64).
+//
+// The one-kernel prefill (prefill_tc.cu) walks 64-token chunks in order inside 128 blocks of 8
+// value columns each: every block redoes the chunk's attention and reloads its operands, and the
+// chunk loop is one long dependency chain. Here the sequence is cut into chunks of T tokens
+// (T a multiple of 256 up to 2048: the chunk_size hint where it is one, else 1024) and the work is split in two launches:
+//
+// 1. states: grid (12, Hkv, B), 4 warps. Block (4c + ng) owns the state rows of the 16 values
+//    a = 4c + w + 16k (w < 4, k < 4) and the extended columns [24 ng, 24 ng + 24) for the whole
+//    sequence, 64 tokens at a time. Before each chunk n it writes the state it holds (the state
+//    before the chunk's first token) to the workspace in bf16, then folds the chunk in:
+//      U[(a, b), c] = e^{G_T} U + sum_j (k_ja gamma_j) k_jb x_j[c],  gamma_j = e^{G_T - G_j},
+//    with x_j = (v_j, 1, 0...): column Dv carries the sum of keys. The mma is K^T (ldmatrix.trans
+//    of the key tile) times the value tile scaled per token by k_ja gamma_j (bf16). U is kept
+//    unweighted; the compact weights w_ab (2 above the diagonal, 1 on it, 0 below) are applied when
+//    a state is written.
+// 2. query: grid (S/256, Hq, B), 8 warps of 32 query rows. For its chunk it reads the state
+//    before the chunk from the workspace (streamed through shared memory, 3 stages) and computes
+//      acc_i = scale^2 e^{G_i} sum_(a, b >= a) q_ia q_ib P[(a, b), :]
+//    as mma's of the queries scaled per row by q_ia (bf16, held in registers) with the state rows
+//    of a; then the attention to the chunk's keys j <= i with weights (|scale q.k| + eps)^2
+//    e^{G_i - G_j} (f32, rounded to bf16 for the W x mma) is added into the same accumulators.
+//    Column Dv of acc is the denominator, so y_i = acc_i[:Dv] / acc_i[Dv].
+//
+// Workspace: P (B, Hkv, nchunks, 2560, 72) bf16, the padded state layout below.
+// Padded rows: a-major; a has the 16-row b tiles m = floor(a/16) .. 3 (rows b < a are zero), so
+// a state row tile is always 16 consecutive b values: 160 tiles = 2560 rows instead of D = 2080.
+//
+// Precision: keys, queries and values are bf16 inputs; q_ia q_ib, k_ja gamma_j, their products
+// with v, the stored states and the weights W are rounded to bf16 where they enter an mma (relative
+// 2^-9 per element, accumulated in f32), the package's own precision (it keeps state and phi in
+// bf16); the state carried from chunk to chunk, present_state and the gates are f32 (gate sums f64).
+//
+// Race-freedom: every shared buffer written by one thread and read by another is separated by a
+// barrier; cp.async stages are reused only after the barrier that follows their last read. In-place
+// calls (present_* aliasing past_*): the states block that reads a slice of the past state is the
+// only one that writes that slice, after its last chunk.
+#include <math.h>
+
+#include "common.cuh"
+#include "mma.cuh"
+#include "prefill_chunked.cuh"
+
+namespace pr {
+namespace chunked {
+namespace {
+
+using bf16 = __nv_bfloat16;
+constexpr int DK = 64, DV = 64;
+constexpr int NX = DV + 8;    // extended columns: DV values, the sum of keys, 7 zeros
+constexpr int kRows = 2560;   // padded state rows
+constexpr int D = DK * (DK + 1) / 2;
+constexpr int KP = DK + 8;    // row pitch (bf16) of query/key tiles: conflict-free ldmatrix
+constexpr int kTok = 64;      // tokens per key/value tile
+constexpr int kQRows = 256;   // query rows per query block
+constexpr int kDefaultT = 1024;
+
+// b tiles of the values a' < a in the padded layout
+__host__ __device__ constexpr int tiles_before(int a) {
+  return 16 * (4 * (a >> 4) - (a >> 4) * ((a >> 4) - 1) / 2) + (a & 15) * (4 - (a >> 4));
+}
+static_assert(tiles_before(DK) * 16 == kRows, "padded rows");
+
+__device__ __forceinline__ int padded_row(int a, int b) { return 16 * tiles_before(a) + b - 16 * (a >> 4); }
+__device__ __forceinline__ int64_t crow(int a, int b) { return static_cast<int64_t>(a) * (2 * DK - a + 1) / 2 + (b - a); }
+__device__ __forceinline__ float key_weight(int a, int b) { return b > a ? 2.f : (b == a ? 1.f : 0.f); }
+__device__ __forceinline__ float bf(bf16 x) { return __bfloat162float(x); }
+
+// Inclusive f64 scan of the log gates of tokens c0 .. c0 + L - 1 (L a multiple of NT; tokens past S
+// count 0). Each thread takes L/NT consecutive tokens; local[i] receives the thread's own running
+// sums, to which the returned offset is to be added. *total gets the sum over all L tokens.
+template <int NT, int MAXPER>
+__device__ __forceinline__ double gate_scan(const PrPrefillParams& p, const PrefillShape& sh, int64_t bb, int hk,
+                                            int64_t c0, int L, double (&local)[MAXPER], double* wtot, double* total) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, per = L / NT;
+  double run = 0.0;
+#pragma unroll
+  for (int i = 0; i < MAXPER; ++i) {
+    if (i < per) {
+      const int64_t tok = c0 + static_cast<int64_t>(tid) * per + i;
+      if (p.log_gate != nullptr && tok < sh.S) run += p.log_gate[(bb * sh.S + tok) * sh.Hkv + hk];
+    }
+    local[i] = run;
+  }
+  double incl = run;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const double u = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += u;
+  }
+  if (lane == 31) wtot[warp] = incl;
+  __syncthreads();
+  double off = incl - run, tot = 0.0;
+#pragma unroll
+  for (int w = 0; w < NT / 32; ++w) {
+    const double x = wtot[w];
+    if (w < warp) off += x;
+    tot += x;
+  }
+  *total = tot;
+  __syncthreads();  // wtot is reused by the next call
+  return off;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel 1: states
+constexpr int kSThreads = 128, VW = 24;  // 4 warps; extended columns per block (3 n-tiles)
+constexpr int KGP = kTok + 8;            // pitch of the scaled transposed keys
+constexpr int kMaxT = 2048;
+constexpr int kMaxPerS = kMaxT / kSThreads;
+struct SCfg {
+  static constexpr int oK = 0;                         // bf16 [2][kTok][KP]
+  static constexpr int oV = oK + 2 * kTok * KP * 2;    // bf16 [2][kTok][VW]
+  static constexpr int oKG = oV + 2 * kTok * VW * 2;   // bf16 [16][KGP]: k_ja gamma_j of the block's a
+  static constexpr int oW = oKG + 16 * KGP * 2;        // f64 [4] warp totals
+  static constexpr int oGam = oW + 4 * 8;              // f32 [T] gamma_j of the chunk
+  static size_t bytes(int T) { return oGam + static_cast<size_t>(T) * 4; }
+};
+
+__host__ __device__ constexpr int pidx(int k, int m) { return 4 * k - k * (k - 1) / 2 + (m - k); }
+
+__global__ void __launch_bounds__(kSThreads) retention_prefill_states_kernel(const PrPrefillParams p, const PrefillShape sh,
+                                                                            int T, int nchunks, bf16* __restrict__ P) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  bf16* Ks = reinterpret_cast<bf16*>(smem + SCfg::oK);
+  bf16* Vs = reinterpret_cast<bf16*>(smem + SCfg::oV);
+  bf16* KG = reinterpret_cast<bf16*>(smem + SCfg::oKG);
+  double* wtot = reinterpret_cast<double*>(smem + SCfg::oW);
+  float* gam = reinterpret_cast<float*>(smem + SCfg::oGam);
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int c = blockIdx.x / 3, ng = blockIdx.x % 3, hk = blockIdx.y;
+  const int64_t bb = blockIdx.z, bh = bb * sh.Hkv + hk, S = sh.S;
+  const int w = 4 * c + warp, col0 = VW * ng;
+  const bf16* kptr = static_cast<const bf16*>(p.key);
+  const bf16* vptr = static_cast<const bf16*>(p.value);
+  const int krow = (lane & 7) + (lane >> 4) * 8, kcol = ((lane >> 3) & 1) * 8;
+
+  float acc[10][3][4];  // acc[pidx(k, m)][nt]: U[(a, 16m + g (+8)), col0 + 8nt + 2t (+1)], a = w + 16k
+#pragma unroll
+  for (int k = 0; k < 4; ++k)
+#pragma unroll
+    for (int m = k; m < 4; ++m)
+#pragma unroll
+      for (int nt = 0; nt < 3; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int a = w + 16 * k, b = 16 * m + g + 8 * (e >> 1), col = col0 + 8 * nt + 2 * t + (e & 1);
+          float v = 0.f;
+          if (p.past_state != nullptr && b >= a) {
+            const float inv = b > a ? 0.5f : 1.f;
+            if (col < DV) v = inv * p.past_state[(bh * D + crow(a, b)) * DV + col];
+            else if (col == DV) v = inv * p.past_sum_of_keys[bh * D + crow(a, b)];
+          }
+          acc[pidx(k, m)][nt][e] = v;
+        }
+
+  // The sum-of-keys column (1) and the zero columns after it never change: set once.
+  if (ng == 2)
+    for (int e = tid; e < 2 * kTok * 8; e += kSThreads) {
+      const int row = e >> 3, cc = e & 7;
+      Vs[row * VW + 16 + cc] = __float2bfloat16(cc == 0 ? 1.f : 0.f);
+    }
+
+  const int64_t ntiles = (S + kTok - 1) / kTok;
+  const int nseg = ng < 2 ? 3 : 2;
+  auto issue_tile = [&](int64_t gt, int buf) {
+    const int64_t t0 = gt * kTok;
+    for (int e = tid; e < kTok * 8; e += kSThreads) {
+      const int j = e >> 3, s8 = e & 7;
+      const bool ok = t0 + j < S;
+      const bf16* src = ok ? kptr + ((bb * S + t0 + j) * sh.Hkv + hk) * DK + 8 * s8 : kptr;
+      mma::cp_async16(Ks + (buf * kTok + j) * KP + 8 * s8, src, ok ? 16 : 0);
+    }
+    for (int e = tid; e < kTok * nseg; e += kSThreads) {
+      const int j = e / nseg, s8 = e % nseg;
+      const bool ok = t0 + j < S;
+      const bf16* src = ok ? vptr + ((bb * S + t0 + j) * sh.Hkv + hk) * DV + col0 + 8 * s8 : vptr;
+      mma::cp_async16(Vs + (buf * kTok + j) * VW + 8 * s8, src, ok ? 16 : 0);
+    }
+  };
+
+  auto write_state = [&](bf16* dst) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+#pragma unroll
+      for (int m = k; m < 4; ++m)
+#pragma unroll
+        for (int h8 = 0; h8 < 2; ++h8) {
+          const int a = w + 16 * k, b = 16 * m + g + 8 * h8;
+          const float wt = key_weight(a, b);
+          bf16* row = dst + static_cast<int64_t>(padded_row(a, b)) * NX + col0 + 2 * t;
+#pragma unroll
+          for (int nt = 0; nt < 3; ++nt)
+            *reinterpret_cast<__nv_bfloat162*>(row + 8 * nt) =
+                __floats2bfloat162_rn(wt * acc[pidx(k, m)][nt][2 * h8], wt * acc[pidx(k, m)][nt][2 * h8 + 1]);
+        }
+  };
+
+  if (ntiles > 0) {
+    issue_tile(0, 0);
+    mma::cp_async_commit();
+  }
+  int64_t gt = 0;
+  for (int n = 0; n < nchunks; ++n) {
+    const int64_t c0 = static_cast<int64_t>(n) * T;
+    // gamma_j = e^{G_T - G_j} and the chunk decay e^{G_T}
+    double local[kMaxPerS], total;
+    const double off = gate_scan<kSThreads, kMaxPerS>(p, sh, bb, hk, c0, T, local, wtot, &total);
+    const int per = T / kSThreads;
+#pragma unroll
+    for (int i = 0; i < kMaxPerS; ++i)
+      if (i < per) gam[tid * per + i] = expf(static_cast<float>(total - (local[i] + off)));
+    const float decay = expf(static_cast<float>(total));
+
+    write_state(P + ((bh * nchunks + n) * kRows) * NX);
+#pragma unroll
+    for (int i = 0; i < 10; ++i)
+#pragma unroll
+      for (int nt = 0; nt < 3; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[i][nt][e] *= decay;
+
+    const int64_t tile_end = min(ntiles, (c0 + T) / kTok);
+    for (; gt < tile_end; ++gt) {
+      const int buf = static_cast<int>(gt & 1);
+      mma::cp_async_wait_all();
+      __syncthreads();  // tile gt landed; the other buffer, KG and gam of earlier phases are free
+      if (gt + 1 < ntiles) {
+        issue_tile(gt + 1, buf ^ 1);
+        mma::cp_async_commit();
+      }
+      const bf16* Kc = Ks + buf * kTok * KP;
+      const bf16* Vc = Vs + buf * kTok * VW;
+      const int jbase = static_cast<int>(gt * kTok - c0);
+      for (int e = tid; e < 16 * kTok; e += kSThreads) {
+        const int ai = e / kTok, j = e % kTok, a = 4 * c + (ai & 3) + 16 * (ai >> 2);
+        KG[ai * KGP + j] = __float2bfloat16(bf(Kc[j * KP + a]) * gam[jbase + j]);
+      }
+      __syncthreads();
+#pragma unroll
+      for (int s = 0; s < kTok / 16; ++s) {
+        uint32_t A[4][4];  // K^T[b tile m][tokens 16s..]
+#pragma unroll
+        for (int m = 0; m < 4; ++m) mma::ldsm_x4_t(A[m], Kc + (16 * s + krow) * KP + 16 * m + kcol);
+        uint32_t Bv[3][2];
+#pragma unroll
+        for (int nt = 0; nt < 3; ++nt) mma::ldsm_x2_t(Bv[nt], Vc + (16 * s + (lane & 15)) * VW + 8 * nt);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const bf16* kg = KG + (warp + 4 * k) * KGP + 16 * s + 2 * t;
+          const uint32_t s0 = *reinterpret_cast<const uint32_t*>(kg), s1 = *reinterpret_cast<const uint32_t*>(kg + 8);
+          uint32_t Bs[3][2];
+#pragma unroll
+          for (int nt = 0; nt < 3; ++nt) {
+            Bs[nt][0] = mma::mul_bf16x2(Bv[nt][0], s0);
+            Bs[nt][1] = mma::mul_bf16x2(Bv[nt][1], s1);
+          }
+#pragma unroll
+          for (int m = k; m < 4; ++m)
+#pragma unroll
+            for (int nt = 0; nt < 3; ++nt) mma::mma_bf16(acc[pidx(k, m)][nt], A[m], Bs[nt][0], Bs[nt][1]);
+        }
+      }
+    }
+  }
+
+  if (p.present_state != nullptr || p.present_sum_of_keys != nullptr) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+#pragma unroll
+      for (int m = k; m < 4; ++m)
+#pragma unroll
+        for (int h8 = 0; h8 < 2; ++h8) {
+          const int a = w + 16 * k, b = 16 * m + g + 8 * h8;
+          if (b < a) continue;
+          const float wt = key_weight(a, b);
+#pragma unroll
+          for (int nt = 0; nt < 3; ++nt) {
+            const int col = col0 + 8 * nt + 2 * t;
+            const float x = wt * acc[pidx(k, m)][nt][2 * h8], y = wt * acc[pidx(k, m)][nt][2 * h8 + 1];
+            if (col < DV && p.present_state != nullptr)
+              *reinterpret_cast<float2*>(p.present_state + (bh * D + crow(a, b)) * DV + col) = make_float2(x, y);
+            else if (col == DV && p.present_sum_of_keys != nullptr)
+              p.present_sum_of_keys[bh * D + crow(a, b)] = x;
+          }
+        }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel 2: query
+constexpr int kQThreads = 256, kNst = 3, kStRows = 64;
+constexpr int kMaxPerQ = kMaxT / kQThreads;
+struct QCfg {
+  static constexpr int oQ = 0;                             // bf16 [kQRows][KP]
+  static constexpr int oSt = oQ + kQRows * KP * 2;         // bf16 [kNst][kStRows][NX] state stages
+  static constexpr int oK = oSt + kNst * kStRows * NX * 2;  // bf16 [2][kTok][KP]
+  static constexpr int oV = oK + 2 * kTok * KP * 2;        // bf16 [2][kTok][NX]
+  static constexpr int oW = oV + 2 * kTok * NX * 2;        // f64 [8] warp totals
+  static constexpr int oGd = oW + 8 * 8;                   // f64 [<= T] cumulative gates from the chunk start
+  static size_t bytes(int T) { return oGd + static_cast<size_t>(T) * 8; }
+};
+
+__global__ void __launch_bounds__(kQThreads, 1) retention_prefill_query_kernel(const PrPrefillParams p, const PrefillShape sh,
+                                                                              int T, int nchunks, const bf16* __restrict__ P) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  bf16* Qs = reinterpret_cast<bf16*>(smem + QCfg::oQ);
+  bf16* St = reinterpret_cast<bf16*>(smem + QCfg::oSt);
+  bf16* Ks = reinterpret_cast<bf16*>(smem + QCfg::oK);
+  bf16* Vs = reinterpret_cast<bf16*>(smem + QCfg::oV);
+  double* wtot = reinterpret_cast<double*>(smem + QCfg::oW);
+  double* Gd = reinterpret_cast<double*>(smem + QCfg::oGd);
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int hq = blockIdx.y, hk = hq / sh.r;
+  const int64_t bb = blockIdx.z, bh = bb * sh.Hkv + hk, S = sh.S;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kQRows;
+  const int n = static_cast<int>(r0 / T);
+  const int64_t c0 = static_cast<int64_t>(n) * T;
+  const int L = static_cast<int>(r0 - c0) + kQRows;  // gates needed: chunk start .. last row
+  const bf16* qptr = static_cast<const bf16*>(p.query);
+  const bf16* kptr = static_cast<const bf16*>(p.key);
+  const bf16* vptr = static_cast<const bf16*>(p.value);
+  bf16* out = static_cast<bf16*>(p.output);
+  const bf16* Pn = P + ((bh * nchunks + n) * kRows) * NX;
+  const int arow = (lane & 7) + ((lane >> 3) & 1) * 8, acol = (lane >> 4) * 8;
+  const int krow = (lane & 7) + (lane >> 4) * 8, kcol = ((lane >> 3) & 1) * 8;
+  const int wr = 32 * warp;  // this warp's first row in the block
+
+  // value-tile columns DV.. : 1 (the denominator), then zeros; never overwritten
+  for (int e = tid; e < 2 * kTok * 8; e += kQThreads) Vs[(e >> 3) * NX + DV + (e & 7)] = __float2bfloat16((e & 7) == 0 ? 1.f : 0.f);
+
+  for (int e = tid; e < kQRows * 8; e += kQThreads) {
+    const int i = e >> 3, s8 = e & 7;
+    const bool ok = r0 + i < S;
+    const bf16* src = ok ? qptr + ((bb * S + r0 + i) * sh.Hq + hq) * DK + 8 * s8 : qptr;
+    mma::cp_async16(Qs + i * KP + 8 * s8, src, ok ? 16 : 0);
+  }
+  constexpr int nstages = kRows / kStRows;
+  auto issue_stage = [&](int st) {
+    if (st >= nstages) return;
+    const bf16* src = Pn + static_cast<int64_t>(st) * kStRows * NX;
+    bf16* dst = St + (st % kNst) * kStRows * NX;
+    for (int e = tid; e < kStRows * NX / 8; e += kQThreads) mma::cp_async16(dst + 8 * e, src + 8 * e, 16);
+  };
+#pragma unroll
+  for (int st = 0; st < kNst - 1; ++st) {
+    issue_stage(st);
+    mma::cp_async_commit();
+  }
+
+  {
+    double local[kMaxPerQ], total;
+    const double off = gate_scan<kQThreads, kMaxPerQ>(p, sh, bb, hk, c0, L, local, wtot, &total);
+    const int per = L / kQThreads;
+#pragma unroll
+    for (int i = 0; i < kMaxPerQ; ++i)
+      if (i < per) Gd[tid * per + i] = local[i] + off;
+  }
+
+  auto begin_stage = [&](int st) {
+    mma::cp_async_wait_group<kNst - 2>();
+    __syncthreads();
+    issue_stage(st + kNst - 1);
+    mma::cp_async_commit();
+  };
+  begin_stage(0);  // also the queries and the gates
+
+  uint32_t Qf[2][4][4];  // A fragments: rows wr + 16 qt .., Dk columns 16 kt ..
+#pragma unroll
+  for (int qt = 0; qt < 2; ++qt)
+#pragma unroll
+    for (int kt = 0; kt < 4; ++kt) mma::ldsm_x4(Qf[qt][kt], Qs + (wr + 16 * qt + arow) * KP + 16 * kt + acol);
+
+  float acc[2][9][4];
+#pragma unroll
+  for (int qt = 0; qt < 2; ++qt)
+#pragma unroll
+    for (int nt = 0; nt < 9; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[qt][nt][e] = 0.f;
+
+  // B fragments of 16 rows x 72 extended columns from a row-major [row][NX] tile
+  auto load_b = [&](uint32_t (&B)[9][2], const bf16* rows) {
+#pragma unroll
+    for (int pp = 0; pp < 4; ++pp) {
+      uint32_t x[4];
+      mma::ldsm_x4_t(x, rows + (lane & 15) * NX + 16 * pp + (lane >> 4) * 8);
+      B[2 * pp][0] = x[0];
+      B[2 * pp][1] = x[1];
+      B[2 * pp + 1][0] = x[2];
+      B[2 * pp + 1][1] = x[3];
+    }
+    mma::ldsm_x2_t(B[8], rows + (lane & 15) * NX + DV);
+  };
+
+  // State part: k-step ks = (a, b tile m) in padded-row order.
+#pragma unroll
+  for (int qa = 0; qa < 4; ++qa) {
+    for (int ar = 0; ar < 16; ++ar) {
+      const int a = 16 * qa + ar;
+      uint32_t sc[2][2];  // q_ia for rows g, g + 8 of each query tile
+#pragma unroll
+      for (int qt = 0; qt < 2; ++qt)
+#pragma unroll
+        for (int h8 = 0; h8 < 2; ++h8) sc[qt][h8] = mma::splat_bf16(Qs[(wr + 16 * qt + g + 8 * h8) * KP + a]);
+#pragma unroll
+      for (int m = qa; m < 4; ++m) {
+        const int ks = tiles_before(a) + m - qa;
+        if (ks > 0 && (ks & 3) == 0) begin_stage(ks >> 2);
+        uint32_t B[9][2];
+        load_b(B, St + ((ks >> 2) % kNst) * kStRows * NX + (ks & 3) * 16 * NX);
+#pragma unroll
+        for (int qt = 0; qt < 2; ++qt) {
+          const uint32_t Ap[4] = {mma::mul_bf16x2(Qf[qt][m][0], sc[qt][0]), mma::mul_bf16x2(Qf[qt][m][1], sc[qt][1]),
+                                  mma::mul_bf16x2(Qf[qt][m][2], sc[qt][0]), mma::mul_bf16x2(Qf[qt][m][3], sc[qt][1])};
+#pragma unroll
+          for (int nt = 0; nt < 9; ++nt) mma::mma_bf16(acc[qt][nt], Ap, B[nt][0], B[nt][1]);
+        }
+      }
+    }
+  }
+  const float sc2 = p.scale * p.scale;
+#pragma unroll
+  for (int qt = 0; qt < 2; ++qt)
+#pragma unroll
+    for (int h8 = 0; h8 < 2; ++h8) {
+      const float f = sc2 * expf(static_cast<float>(Gd[r0 - c0 + wr + 16 * qt + g + 8 * h8]));
+#pragma unroll
+      for (int nt = 0; nt < 9; ++nt) {
+        acc[qt][nt][2 * h8] *= f;
+        acc[qt][nt][2 * h8 + 1] *= f;
+      }
+    }
+
+  // Attention to the chunk's keys up to this block's last row.
+  const int ntk = static_cast<int>(min(static_cast<int64_t>(L), S - c0 + kTok - 1) / kTok);
+  auto issue_kv = [&](int kt, int buf) {
+    const int64_t j0 = c0 + static_cast<int64_t>(kt) * kTok;
+    for (int e = tid; e < kTok * 8; e += kQThreads) {
+      const int j = e >> 3, s8 = e & 7;
+      const bool ok = j0 + j < S;
+      const bf16* ks = ok ? kptr + ((bb * S + j0 + j) * sh.Hkv + hk) * DK + 8 * s8 : kptr;
+      const bf16* vs = ok ? vptr + ((bb * S + j0 + j) * sh.Hkv + hk) * DV + 8 * s8 : vptr;
+      mma::cp_async16(Ks + (buf * kTok + j) * KP + 8 * s8, ks, ok ? 16 : 0);
+      mma::cp_async16(Vs + (buf * kTok + j) * NX + 8 * s8, vs, ok ? 16 : 0);
+    }
+  };
+  mma::cp_async_wait_all();
+  __syncthreads();
+  if (ntk > 0) {
+    issue_kv(0, 0);
+    mma::cp_async_commit();
+  }
+  const int64_t ib = r0 + wr;  // this warp's first row (global position)
+  for (int kt = 0; kt < ntk; ++kt) {
+    const int buf = kt & 1;
+    mma::cp_async_wait_all();
+    __syncthreads();
+    if (kt + 1 < ntk) {
+      issue_kv(kt + 1, buf ^ 1);
+      mma::cp_async_commit();
+    }
+    const bf16* Kc = Ks + buf * kTok * KP;
+    const bf16* Vc = Vs + buf * kTok * NX;
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int64_t j0 = c0 + static_cast<int64_t>(kt) * kTok + 32 * hh;
+      if (j0 > ib + 31) continue;  // every key after every row of this warp
+      float s[2][4][4];
+#pragma unroll
+      for (int qt = 0; qt < 2; ++qt)
+#pragma unroll
+        for (int nn = 0; nn < 4; ++nn) s[qt][nn][0] = s[qt][nn][1] = s[qt][nn][2] = s[qt][nn][3] = 0.f;
+#pragma unroll
+      for (int kd = 0; kd < 4; ++kd)
+#pragma unroll
+        for (int pq = 0; pq < 2; ++pq) {
+          uint32_t Bk[4];
+          mma::ldsm_x4(Bk, Kc + (32 * hh + 16 * pq + krow) * KP + 16 * kd + kcol);
+#pragma unroll
+          for (int qt = 0; qt < 2; ++qt) {
+            mma::mma_bf16(s[qt][2 * pq], Qf[qt][kd], Bk[0], Bk[1]);
+            mma::mma_bf16(s[qt][2 * pq + 1], Qf[qt][kd], Bk[2], Bk[3]);
+          }
+        }
+#pragma unroll
+      for (int qt = 0; qt < 2; ++qt)
+#pragma unroll
+        for (int nn = 0; nn < 4; ++nn)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int64_t i = ib + 16 * qt + g + 8 * (e >> 1), j = j0 + 8 * nn + 2 * t + (e & 1);
+            s[qt][nn][e] =
+                j <= i ? attn_weight(s[qt][nn][e], p.scale, static_cast<float>(Gd[i - c0] - Gd[j - c0])) : 0.f;
+          }
+#pragma unroll
+      for (int kk = 0; kk < 2; ++kk) {
+        uint32_t B[9][2];
+        load_b(B, Vc + (32 * hh + 16 * kk) * NX);
+#pragma unroll
+        for (int qt = 0; qt < 2; ++qt) {
+          const uint32_t Aw[4] = {mma::pack_bf16(s[qt][2 * kk][0], s[qt][2 * kk][1]),
+                                  mma::pack_bf16(s[qt][2 * kk][2], s[qt][2 * kk][3]),
+                                  mma::pack_bf16(s[qt][2 * kk + 1][0], s[qt][2 * kk + 1][1]),
+                                  mma::pack_bf16(s[qt][2 * kk + 1][2], s[qt][2 * kk + 1][3])};
+#pragma unroll
+          for (int nt = 0; nt < 9; ++nt) mma::mma_bf16(acc[qt][nt], Aw, B[nt][0], B[nt][1]);
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int qt = 0; qt < 2; ++qt)
+#pragma unroll
+    for (int h8 = 0; h8 < 2; ++h8) {
+      const float den = __shfl_sync(0xffffffffu, acc[qt][8][2 * h8], lane & ~3);
+      const int64_t i = ib + 16 * qt + g + 8 * h8;
+      if (i < S) {
+        bf16* o = out + ((bb * S + i) * sh.Hq + hq) * DV + 2 * t;
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+          *reinterpret_cast<__nv_bfloat162*>(o + 8 * nt) =
+              __floats2bfloat162_rn(acc[qt][nt][2 * h8] / den, acc[qt][nt][2 * h8 + 1] / den);
+      }
+    }
+}
+
+int chunk_tokens(const PrPrefillParams& p) {
+  const int h = p.chunk_size;
+  return (h >= kQRows && h <= kMaxT && h % kQRows == 0) ? h : kDefaultT;
+}
+
+bool aligned(const void* ptr, uintptr_t n) { return (reinterpret_cast<uintptr_t>(ptr) % n) == 0; }
+
+}  // namespace
+}  // namespace chunked
+
+uint64_t prefill_chunked_workspace_bytes(const PrPrefillParams& p) {
+  using namespace chunked;
+  if (!(p.dtype == PR_DTYPE_BF16 && p.key_dim == DK && p.value_dim == DV && p.seq_len > 0 && p.batch > 0 &&
+        aligned(p.query, 16) && aligned(p.key, 16) && aligned(p.value, 16) && aligned(p.output, 4) &&
+        aligned(p.past_state, 8) && aligned(p.present_state, 8)))
+    return 0;
+  const int64_t T = chunk_tokens(p), nchunks = (p.seq_len + T - 1) / T;
+  return static_cast<uint64_t>(p.batch) * p.kv_heads * nchunks * kRows * NX * sizeof(bf16);
+}
+
+cudaError_t prefill_chunked(const PrPrefillParams& p, cudaStream_t stream) {
+  using namespace chunked;
+  const int T = chunk_tokens(p);
+  const int nchunks = static_cast<int>((p.seq_len + T - 1) / T);
+  const PrefillShape sh = prefill_shape(p);
+  bf16* P = static_cast<bf16*>(p.workspace);
+  const size_t sb = SCfg::bytes(T), qb = QCfg::bytes(T);
+  cudaError_t e = cudaFuncSetAttribute(retention_prefill_states_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(sb));
+  if (e != cudaSuccess) return e;
+  e = cudaFuncSetAttribute(retention_prefill_query_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(qb));
+  if (e != cudaSuccess) return e;
+  const dim3 sgrid(12, static_cast<unsigned>(p.kv_heads), static_cast<unsigned>(p.batch));
+  retention_prefill_states_kernel<<<sgrid, kSThreads, sb, stream>>>(p, sh, T, nchunks, P);
+  const dim3 qgrid(static_cast<unsigned>((p.seq_len + kQRows - 1) / kQRows), static_cast<unsigned>(p.q_heads),
+                   static_cast<unsigned>(p.batch));
+  retention_prefill_query_kernel<<<qgrid, kQThreads, qb, stream>>>(p, sh, T, nchunks, P);
+  return cudaGetLastError();
+}
+
+}  // namespace pr
