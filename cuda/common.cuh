@@ -66,6 +66,19 @@ __device__ __forceinline__ void advance_row(int& a, int& off, int step) {
   }
 }
 
+// Compact row of the feature x_a x_b (a <= b) for key dim DK.
+template <int DK>
+__device__ __forceinline__ int64_t crow(int a, int b) {
+  return static_cast<int64_t>(a) * (2 * DK - a + 1) / 2 + (b - a);
+}
+
+// Key-side weight of compact row (a, b): 2 above the diagonal, 1 on it; 0 for the padding rows b < a.
+__device__ __forceinline__ float key_weight(int a, int b) { return b > a ? 2.f : (b == a ? 1.f : 0.f); }
+
+__device__ __forceinline__ float bf(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+inline bool aligned(const void* ptr, uintptr_t n) { return (reinterpret_cast<uintptr_t>(ptr) % n) == 0; }
+
 // Attention weight of one (query, key) pair: (|scale q.k| + eps)^2 exp(dG), dG = G_i - G_j <= 0.
 __device__ __forceinline__ float attn_weight(float dot, float scale, float dG) {
   const float x = fabsf(scale * dot) + kEps;

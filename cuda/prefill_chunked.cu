@@ -62,9 +62,19 @@ __host__ __device__ constexpr int tiles_before(int a) {
 static_assert(tiles_before(DK) * 16 == kRows, "padded rows");
 
 __device__ __forceinline__ int padded_row(int a, int b) { return 16 * tiles_before(a) + b - 16 * (a >> 4); }
-__device__ __forceinline__ int64_t crow(int a, int b) { return static_cast<int64_t>(a) * (2 * DK - a + 1) / 2 + (b - a); }
-__device__ __forceinline__ float key_weight(int a, int b) { return b > a ? 2.f : (b == a ? 1.f : 0.f); }
-__device__ __forceinline__ float bf(bf16 x) { return __bfloat162float(x); }
+
+// cp.async of the rows [t0, t0 + ROWS) of head h of a (B, S, H, W) bf16 tensor, columns
+// [c0, c0 + 8 NSEG), into dst (row pitch `pitch`); rows at or past S are zero-filled.
+template <int NT, int ROWS, int NSEG>
+__device__ __forceinline__ void copy_rows(bf16* dst, int pitch, const bf16* src, int64_t bb, int64_t S, int H, int h,
+                                          int W, int c0, int64_t t0) {
+  for (int e = threadIdx.x; e < ROWS * NSEG; e += NT) {
+    const int j = e / NSEG, s8 = e % NSEG;
+    const bool ok = t0 + j < S;
+    const bf16* from = ok ? src + ((bb * S + t0 + j) * H + h) * W + c0 + 8 * s8 : src;
+    mma::cp_async16(dst + j * pitch + 8 * s8, from, ok ? 16 : 0);
+  }
+}
 
 // Inclusive f64 scan of the log gates of tokens c0 .. c0 + L - 1 (L a multiple of NT; tokens past S
 // count 0). Each thread takes L/NT consecutive tokens; local[i] receives the thread's own running
@@ -149,8 +159,8 @@ __global__ void __launch_bounds__(kSThreads) retention_prefill_states_kernel(con
           float v = 0.f;
           if (p.past_state != nullptr && b >= a) {
             const float inv = b > a ? 0.5f : 1.f;
-            if (col < DV) v = inv * p.past_state[(bh * D + crow(a, b)) * DV + col];
-            else if (col == DV) v = inv * p.past_sum_of_keys[bh * D + crow(a, b)];
+            if (col < DV) v = inv * p.past_state[(bh * D + crow<DK>(a, b)) * DV + col];
+            else if (col == DV) v = inv * p.past_sum_of_keys[bh * D + crow<DK>(a, b)];
           }
           acc[pidx(k, m)][nt][e] = v;
         }
@@ -163,21 +173,13 @@ __global__ void __launch_bounds__(kSThreads) retention_prefill_states_kernel(con
     }
 
   const int64_t ntiles = (S + kTok - 1) / kTok;
-  const int nseg = ng < 2 ? 3 : 2;
   auto issue_tile = [&](int64_t gt, int buf) {
-    const int64_t t0 = gt * kTok;
-    for (int e = tid; e < kTok * 8; e += kSThreads) {
-      const int j = e >> 3, s8 = e & 7;
-      const bool ok = t0 + j < S;
-      const bf16* src = ok ? kptr + ((bb * S + t0 + j) * sh.Hkv + hk) * DK + 8 * s8 : kptr;
-      mma::cp_async16(Ks + (buf * kTok + j) * KP + 8 * s8, src, ok ? 16 : 0);
-    }
-    for (int e = tid; e < kTok * nseg; e += kSThreads) {
-      const int j = e / nseg, s8 = e % nseg;
-      const bool ok = t0 + j < S;
-      const bf16* src = ok ? vptr + ((bb * S + t0 + j) * sh.Hkv + hk) * DV + col0 + 8 * s8 : vptr;
-      mma::cp_async16(Vs + (buf * kTok + j) * VW + 8 * s8, src, ok ? 16 : 0);
-    }
+    copy_rows<kSThreads, kTok, DK / 8>(Ks + buf * kTok * KP, KP, kptr, bb, S, sh.Hkv, hk, DK, 0, gt * kTok);
+    bf16* vd = Vs + buf * kTok * VW;
+    if (ng < 2)
+      copy_rows<kSThreads, kTok, VW / 8>(vd, VW, vptr, bb, S, sh.Hkv, hk, DV, col0, gt * kTok);
+    else  // the last group's values end at DV; its other columns are set once
+      copy_rows<kSThreads, kTok, (DV % VW) / 8>(vd, VW, vptr, bb, S, sh.Hkv, hk, DV, col0, gt * kTok);
   };
 
   auto write_state = [&](bf16* dst) {
@@ -280,9 +282,9 @@ __global__ void __launch_bounds__(kSThreads) retention_prefill_states_kernel(con
             const int col = col0 + 8 * nt + 2 * t;
             const float x = wt * acc[pidx(k, m)][nt][2 * h8], y = wt * acc[pidx(k, m)][nt][2 * h8 + 1];
             if (col < DV && p.present_state != nullptr)
-              *reinterpret_cast<float2*>(p.present_state + (bh * D + crow(a, b)) * DV + col) = make_float2(x, y);
+              *reinterpret_cast<float2*>(p.present_state + (bh * D + crow<DK>(a, b)) * DV + col) = make_float2(x, y);
             else if (col == DV && p.present_sum_of_keys != nullptr)
-              p.present_sum_of_keys[bh * D + crow(a, b)] = x;
+              p.present_sum_of_keys[bh * D + crow<DK>(a, b)] = x;
           }
         }
   }
@@ -331,12 +333,7 @@ __global__ void __launch_bounds__(kQThreads, 1) retention_prefill_query_kernel(c
   // value-tile columns DV.. : 1 (the denominator), then zeros; never overwritten
   for (int e = tid; e < 2 * kTok * 8; e += kQThreads) Vs[(e >> 3) * NX + DV + (e & 7)] = __float2bfloat16((e & 7) == 0 ? 1.f : 0.f);
 
-  for (int e = tid; e < kQRows * 8; e += kQThreads) {
-    const int i = e >> 3, s8 = e & 7;
-    const bool ok = r0 + i < S;
-    const bf16* src = ok ? qptr + ((bb * S + r0 + i) * sh.Hq + hq) * DK + 8 * s8 : qptr;
-    mma::cp_async16(Qs + i * KP + 8 * s8, src, ok ? 16 : 0);
-  }
+  copy_rows<kQThreads, kQRows, DK / 8>(Qs, KP, qptr, bb, S, sh.Hq, hq, DK, 0, r0);
   constexpr int nstages = kRows / kStRows;
   auto issue_stage = [&](int st) {
     if (st >= nstages) return;
@@ -438,14 +435,8 @@ __global__ void __launch_bounds__(kQThreads, 1) retention_prefill_query_kernel(c
   const int ntk = static_cast<int>(min(static_cast<int64_t>(L), S - c0 + kTok - 1) / kTok);
   auto issue_kv = [&](int kt, int buf) {
     const int64_t j0 = c0 + static_cast<int64_t>(kt) * kTok;
-    for (int e = tid; e < kTok * 8; e += kQThreads) {
-      const int j = e >> 3, s8 = e & 7;
-      const bool ok = j0 + j < S;
-      const bf16* ks = ok ? kptr + ((bb * S + j0 + j) * sh.Hkv + hk) * DK + 8 * s8 : kptr;
-      const bf16* vs = ok ? vptr + ((bb * S + j0 + j) * sh.Hkv + hk) * DV + 8 * s8 : vptr;
-      mma::cp_async16(Ks + (buf * kTok + j) * KP + 8 * s8, ks, ok ? 16 : 0);
-      mma::cp_async16(Vs + (buf * kTok + j) * NX + 8 * s8, vs, ok ? 16 : 0);
-    }
+    copy_rows<kQThreads, kTok, DK / 8>(Ks + buf * kTok * KP, KP, kptr, bb, S, sh.Hkv, hk, DK, 0, j0);
+    copy_rows<kQThreads, kTok, DV / 8>(Vs + buf * kTok * NX, NX, vptr, bb, S, sh.Hkv, hk, DV, 0, j0);
   };
   mma::cp_async_wait_all();
   __syncthreads();
@@ -532,8 +523,6 @@ int chunk_tokens(const PrPrefillParams& p) {
   const int h = p.chunk_size;
   return (h >= kQRows && h <= kMaxT && h % kQRows == 0) ? h : kDefaultT;
 }
-
-bool aligned(const void* ptr, uintptr_t n) { return (reinterpret_cast<uintptr_t>(ptr) % n) == 0; }
 
 }  // namespace
 }  // namespace chunked

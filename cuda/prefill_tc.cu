@@ -79,15 +79,6 @@ struct Cfg {
 };
 
 template <int DK>
-__device__ __forceinline__ int64_t crow(int a, int b) {
-  return static_cast<int64_t>(a) * (2 * DK - a + 1) / 2 + (b - a);
-}
-
-__device__ __forceinline__ float key_weight(int a, int b) { return b > a ? 2.f : (b == a ? 1.f : 0.f); }
-
-__device__ __forceinline__ float bf(bf16 x) { return __bfloat162float(x); }
-
-template <int DK>
 __global__ void __launch_bounds__(kThreads, 1) retention_prefill_tc_kernel(const PrPrefillParams p, const PrefillShape sh) {
   using C = Cfg<DK>;
   constexpr int NA = C::NA, MT = C::MT, KP = C::KP, TP = C::TP, NTILES = C::NTILES, D = C::D, NM = C::NM;
@@ -519,15 +510,13 @@ cudaError_t launch(const PrPrefillParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-bool aligned(const void* ptr, uintptr_t n) { return (reinterpret_cast<uintptr_t>(ptr) % n) == 0; }
-
 }  // namespace
 }  // namespace tc
 
 bool prefill_tc_supports(const PrPrefillParams& p) {
   return p.dtype == PR_DTYPE_BF16 && (p.key_dim == 32 || p.key_dim == 64) && p.value_dim % tc::kCols == 0 &&
-         tc::aligned(p.query, 16) && tc::aligned(p.key, 16) && tc::aligned(p.value, 16) && tc::aligned(p.output, 4) &&
-         tc::aligned(p.past_state, 8) && tc::aligned(p.present_state, 8);
+         aligned(p.query, 16) && aligned(p.key, 16) && aligned(p.value, 16) && aligned(p.output, 4) &&
+         aligned(p.past_state, 8) && aligned(p.present_state, 8);
 }
 
 cudaError_t prefill_tc(const PrPrefillParams& p, cudaStream_t stream) {

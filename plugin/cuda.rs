@@ -120,12 +120,14 @@ pub fn compute(k: &Kernel, dims: Dims, ctx: &mut ComputeContext<'_>) -> Result<(
         };
         // The two-kernel prefill keeps per-chunk states in scratch from the EP's allocator. If
         // that allocation fails the one-kernel path runs instead (same outputs, slower).
-        let need = cuda::prefill_workspace_bytes(op.name, &launch)?;
-        let scratch = if need > 0 && chunked_prefill_enabled() {
-            ctx.device_scratch(prefill::QUERY, need).ok()
+        let need = if chunked_prefill_enabled() {
+            cuda::prefill_workspace_bytes(op.name, &launch)?
         } else {
-            None
+            0
         };
+        let scratch = (need > 0)
+            .then(|| ctx.device_scratch(prefill::QUERY, need).ok())
+            .flatten();
         cuda::prefill(
             op.name,
             &launch,
