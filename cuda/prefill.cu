@@ -329,12 +329,15 @@ int simt(const PrPrefillParams& p, cudaStream_t s) {
 }
 }  // namespace
 
+extern "C" int32_t pr_prefill_segment_chunks(const PrPrefillParams* params) {
+  return params == nullptr || validate(params) >= 0 ? 0 : pr::prefill_chunked_segment_chunks(*params);
+}
+
 extern "C" int pr_prefill(const PrPrefillParams* params, void* stream) {
   const int v = validate(params);
   if (v >= 0) return v;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const uint64_t ws = pr::prefill_chunked_workspace_bytes(*params);
-  if (ws > 0 && params->workspace != nullptr && params->workspace_bytes >= ws) return pr::prefill_chunked(*params, s);
+  if (pr::prefill_chunked_fits(*params)) return pr::prefill_chunked(*params, s);
   if (pr::prefill_tc_supports(*params)) return pr::prefill_tc(*params, s);
   return simt(*params, s);
 }

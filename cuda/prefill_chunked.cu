@@ -3,7 +3,7 @@
 // The one-kernel prefill (prefill_tc.cu) walks 64-token chunks in order inside 128 blocks of 8
 // value columns each: every block redoes the chunk's attention and reloads its operands, and the
 // chunk loop is one long dependency chain. Here the sequence is cut into chunks of T tokens
-// (T a multiple of 256 up to 2048: the chunk_size hint where it is one, else 1024) and the work is split in two launches:
+// (T a multiple of 256 up to 2048: the chunk_size hint where it is one, else 512) and the work is split in two launches:
 //
 // 1. states: grid (12, Hkv, B), 4 warps. Block (4c + ng) owns the state rows of the 16 values
 //    a = 4c + w + 16k (w < 4, k < 4) and the extended columns [24 ng, 24 ng + 24) for the whole
@@ -22,7 +22,8 @@
 //    e^{G_i - G_j} (f32, rounded to bf16 for the W x mma) is added into the same accumulators.
 //    Column Dv of acc is the denominator, so y_i = acc_i[:Dv] / acc_i[Dv].
 //
-// Workspace: P (B, Hkv, nchunks, 2560, 72) bf16, the padded state layout below.
+// Workspace: P (B, Hkv, chunks of a segment, 2560, 72) bf16, the padded state layout below; long
+// sequences run in segments so that P stays under kWorkspaceCap (256 MiB), see prefill_chunked.
 // Padded rows: a-major; a has the 16-row b tiles m = floor(a/16) .. 3 (rows b < a are zero), so
 // a state row tile is always 16 consecutive b values: 160 tiles = 2560 rows instead of D = 2080.
 //
@@ -36,6 +37,8 @@
 // calls (present_* aliasing past_*): the states block that reads a slice of the past state is the
 // only one that writes that slice, after its last chunk.
 #include <math.h>
+
+#include <algorithm>
 
 #include "common.cuh"
 #include "mma.cuh"
@@ -53,7 +56,7 @@ constexpr int D = DK * (DK + 1) / 2;
 constexpr int KP = DK + 8;    // row pitch (bf16) of query/key tiles: conflict-free ldmatrix
 constexpr int kTok = 64;      // tokens per key/value tile
 constexpr int kQRows = 256;   // query rows per query block
-constexpr int kDefaultT = 1024;
+constexpr int kDefaultT = 512;  // fastest of 512/1024/2048 at 2k-128k on H100 (benches/RESULTS.md)
 
 // b tiles of the values a' < a in the padded layout
 __host__ __device__ constexpr int tiles_before(int a) {
@@ -129,8 +132,10 @@ struct SCfg {
 
 __host__ __device__ constexpr int pidx(int k, int m) { return 4 * k - k * (k - 1) / 2 + (m - k); }
 
+// Tokens [tok0, tok0 + nchunks T) of the sequence (one segment; see prefill_chunked).
 __global__ void __launch_bounds__(kSThreads) retention_prefill_states_kernel(const PrPrefillParams p, const PrefillShape sh,
-                                                                            int T, int nchunks, bf16* __restrict__ P) {
+                                                                            int64_t tok0, int T, int nchunks,
+                                                                            bf16* __restrict__ P) {
   extern __shared__ __align__(16) unsigned char smem[];
   bf16* Ks = reinterpret_cast<bf16*>(smem + SCfg::oK);
   bf16* Vs = reinterpret_cast<bf16*>(smem + SCfg::oV);
@@ -172,7 +177,8 @@ __global__ void __launch_bounds__(kSThreads) retention_prefill_states_kernel(con
       Vs[row * VW + 16 + cc] = __float2bfloat16(cc == 0 ? 1.f : 0.f);
     }
 
-  const int64_t ntiles = (S + kTok - 1) / kTok;
+  // tok0 and T are multiples of kTok
+  const int64_t ntiles = min((S + kTok - 1) / kTok, (tok0 + static_cast<int64_t>(nchunks) * T) / kTok);
   auto issue_tile = [&](int64_t gt, int buf) {
     copy_rows<kSThreads, kTok, DK / 8>(Ks + buf * kTok * KP, KP, kptr, bb, S, sh.Hkv, hk, DK, 0, gt * kTok);
     bf16* vd = Vs + buf * kTok * VW;
@@ -199,13 +205,13 @@ __global__ void __launch_bounds__(kSThreads) retention_prefill_states_kernel(con
         }
   };
 
-  if (ntiles > 0) {
-    issue_tile(0, 0);
+  int64_t gt = tok0 / kTok;
+  if (gt < ntiles) {
+    issue_tile(gt, static_cast<int>(gt & 1));
     mma::cp_async_commit();
   }
-  int64_t gt = 0;
   for (int n = 0; n < nchunks; ++n) {
-    const int64_t c0 = static_cast<int64_t>(n) * T;
+    const int64_t c0 = tok0 + static_cast<int64_t>(n) * T;
     // gamma_j = e^{G_T - G_j} and the chunk decay e^{G_T}
     double local[kMaxPerS], total;
     const double off = gate_scan<kSThreads, kMaxPerS>(p, sh, bb, hk, c0, T, local, wtot, &total);
@@ -305,7 +311,8 @@ struct QCfg {
 };
 
 __global__ void __launch_bounds__(kQThreads, 1) retention_prefill_query_kernel(const PrPrefillParams p, const PrefillShape sh,
-                                                                              int T, int nchunks, const bf16* __restrict__ P) {
+                                                                              int64_t tok0, int T, int nchunks,
+                                                                              const bf16* __restrict__ P) {
   extern __shared__ __align__(16) unsigned char smem[];
   bf16* Qs = reinterpret_cast<bf16*>(smem + QCfg::oQ);
   bf16* St = reinterpret_cast<bf16*>(smem + QCfg::oSt);
@@ -317,9 +324,9 @@ __global__ void __launch_bounds__(kQThreads, 1) retention_prefill_query_kernel(c
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
   const int hq = blockIdx.y, hk = hq / sh.r;
   const int64_t bb = blockIdx.z, bh = bb * sh.Hkv + hk, S = sh.S;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kQRows;
-  const int n = static_cast<int>(r0 / T);
-  const int64_t c0 = static_cast<int64_t>(n) * T;
+  const int64_t r0 = tok0 + static_cast<int64_t>(blockIdx.x) * kQRows;
+  const int n = static_cast<int>((r0 - tok0) / T);
+  const int64_t c0 = tok0 + static_cast<int64_t>(n) * T;
   const int L = static_cast<int>(r0 - c0) + kQRows;  // gates needed: chunk start .. last row
   const bf16* qptr = static_cast<const bf16*>(p.query);
   const bf16* kptr = static_cast<const bf16*>(p.key);
@@ -524,38 +531,118 @@ int chunk_tokens(const PrPrefillParams& p) {
   return (h >= kQRows && h <= kMaxT && h % kQRows == 0) ? h : kDefaultT;
 }
 
+// The per-chunk states of a long sequence would take B Hkv ceil(S/T) 360 KiB (5.6 GiB at B 8,
+// Hkv 16, 128k): the sequence runs in segments of as many chunks as the workspace holds, the state
+// carried from one segment to the next in f32 (present_state, or the workspace's carry region when
+// that output is not asked for). The carried state is the one the states kernel keeps between
+// chunks, so the outputs do not depend on the segmenting. pr_prefill_workspace_bytes asks for at
+// most kWorkspaceCap (or one chunk per segment where even that is more).
+constexpr uint64_t kWorkspaceCap = 256ull << 20;
+constexpr uint64_t kChunkBytes = static_cast<uint64_t>(kRows) * NX * sizeof(bf16);
+
+uint64_t align256(uint64_t x) { return (x + 255) & ~uint64_t{255}; }
+
+struct Plan {
+  int T = 0, nchunks = 0, per_segment = 0;  // per_segment 0: the workspace is too small
+  uint64_t carry_state_off = 0, carry_sum_off = 0, bytes = 0;
+};
+
+// The layout for segments of k chunks (1 <= k <= nchunks).
+Plan layout(const PrPrefillParams& p, int T, int nchunks, int k) {
+  Plan pl;
+  pl.T = T;
+  pl.nchunks = nchunks;
+  pl.per_segment = k;
+  const uint64_t heads = static_cast<uint64_t>(p.batch) * p.kv_heads;
+  pl.bytes = pl.carry_state_off = align256(heads * k * kChunkBytes);
+  if (k < nchunks) {
+    if (p.present_state == nullptr) pl.bytes += align256(heads * D * DV * sizeof(float));
+    pl.carry_sum_off = pl.bytes;
+    if (p.present_sum_of_keys == nullptr) pl.bytes += align256(heads * D * sizeof(float));
+  }
+  return pl;
+}
+
+// The longest segments a workspace of `budget` bytes holds.
+Plan plan(const PrPrefillParams& p, uint64_t budget) {
+  const int T = chunk_tokens(p);
+  const int nchunks = static_cast<int>((p.seq_len + T - 1) / T);
+  const Plan whole = layout(p, T, nchunks, nchunks);
+  if (whole.bytes <= budget) return whole;
+  const uint64_t heads = static_cast<uint64_t>(p.batch) * p.kv_heads;
+  int k = static_cast<int>(std::min<uint64_t>(budget / (heads * kChunkBytes), nchunks - 1));
+  while (k > 0 && layout(p, T, nchunks, k).bytes > budget) --k;
+  return k > 0 ? layout(p, T, nchunks, k) : Plan{};
+}
+
+bool applies(const PrPrefillParams& p) {
+  return p.dtype == PR_DTYPE_BF16 && p.key_dim == DK && p.value_dim == DV && p.seq_len > 0 && p.batch > 0 &&
+         aligned(p.query, 16) && aligned(p.key, 16) && aligned(p.value, 16) && aligned(p.output, 4) &&
+         aligned(p.past_state, 8) && aligned(p.present_state, 8);
+}
+
 }  // namespace
 }  // namespace chunked
 
 uint64_t prefill_chunked_workspace_bytes(const PrPrefillParams& p) {
   using namespace chunked;
-  if (!(p.dtype == PR_DTYPE_BF16 && p.key_dim == DK && p.value_dim == DV && p.seq_len > 0 && p.batch > 0 &&
-        aligned(p.query, 16) && aligned(p.key, 16) && aligned(p.value, 16) && aligned(p.output, 4) &&
-        aligned(p.past_state, 8) && aligned(p.present_state, 8)))
-    return 0;
-  const int64_t T = chunk_tokens(p), nchunks = (p.seq_len + T - 1) / T;
-  return static_cast<uint64_t>(p.batch) * p.kv_heads * nchunks * kRows * NX * sizeof(bf16);
+  if (!applies(p)) return 0;
+  const Plan capped = plan(p, kWorkspaceCap);
+  if (capped.per_segment > 0) return capped.bytes;
+  const int T = chunk_tokens(p);
+  return layout(p, T, static_cast<int>((p.seq_len + T - 1) / T), 1).bytes;
+}
+
+bool prefill_chunked_fits(const PrPrefillParams& p) {
+  using namespace chunked;
+  return applies(p) && p.workspace != nullptr && aligned(p.workspace, 16) &&
+         plan(p, p.workspace_bytes).per_segment > 0;
+}
+
+int prefill_chunked_segment_chunks(const PrPrefillParams& p) {
+  return prefill_chunked_fits(p) ? chunked::plan(p, p.workspace_bytes).per_segment : 0;
 }
 
 cudaError_t prefill_chunked(const PrPrefillParams& p, cudaStream_t stream) {
   using namespace chunked;
-  const int T = chunk_tokens(p);
-  const int nchunks = static_cast<int>((p.seq_len + T - 1) / T);
+  const Plan pl = plan(p, p.workspace_bytes);
+  if (pl.per_segment == 0) return cudaErrorInvalidValue;
   const PrefillShape sh = prefill_shape(p);
-  bf16* P = static_cast<bf16*>(p.workspace);
-  const size_t sb = SCfg::bytes(T), qb = QCfg::bytes(T);
+  unsigned char* ws = static_cast<unsigned char*>(p.workspace);
+  bf16* P = reinterpret_cast<bf16*>(ws);
+  float* carry_state = p.present_state != nullptr ? p.present_state : reinterpret_cast<float*>(ws + pl.carry_state_off);
+  float* carry_sum =
+      p.present_sum_of_keys != nullptr ? p.present_sum_of_keys : reinterpret_cast<float*>(ws + pl.carry_sum_off);
+  const size_t sb = SCfg::bytes(pl.T), qb = QCfg::bytes(pl.T);
   cudaError_t e = cudaFuncSetAttribute(retention_prefill_states_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(sb));
   if (e != cudaSuccess) return e;
   e = cudaFuncSetAttribute(retention_prefill_query_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                            static_cast<int>(qb));
   if (e != cudaSuccess) return e;
-  const dim3 sgrid(12, static_cast<unsigned>(p.kv_heads), static_cast<unsigned>(p.batch));
-  retention_prefill_states_kernel<<<sgrid, kSThreads, sb, stream>>>(p, sh, T, nchunks, P);
-  const dim3 qgrid(static_cast<unsigned>((p.seq_len + kQRows - 1) / kQRows), static_cast<unsigned>(p.q_heads),
-                   static_cast<unsigned>(p.batch));
-  retention_prefill_query_kernel<<<qgrid, kQThreads, qb, stream>>>(p, sh, T, nchunks, P);
-  return cudaGetLastError();
+  for (int c = 0; c < pl.nchunks; c += pl.per_segment) {
+    const int nch = std::min(pl.per_segment, pl.nchunks - c);
+    const int64_t tok0 = static_cast<int64_t>(c) * pl.T;
+    const bool first = c == 0, last = c + nch == pl.nchunks;
+    PrPrefillParams q = p;  // segment k > 0 starts from the state segment k - 1 left in the carry
+    if (!first) {
+      q.past_state = carry_state;
+      q.past_sum_of_keys = carry_sum;
+    }
+    if (!last) {
+      q.present_state = carry_state;
+      q.present_sum_of_keys = carry_sum;
+    }
+    const dim3 sgrid(12, static_cast<unsigned>(p.kv_heads), static_cast<unsigned>(p.batch));
+    retention_prefill_states_kernel<<<sgrid, kSThreads, sb, stream>>>(q, sh, tok0, pl.T, nch, P);
+    const int64_t rows = std::min<int64_t>(p.seq_len - tok0, static_cast<int64_t>(nch) * pl.T);
+    const dim3 qgrid(static_cast<unsigned>((rows + kQRows - 1) / kQRows), static_cast<unsigned>(p.q_heads),
+                     static_cast<unsigned>(p.batch));
+    retention_prefill_query_kernel<<<qgrid, kQThreads, qb, stream>>>(q, sh, tok0, pl.T, nch, P);
+    e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
 }
 
 }  // namespace pr

@@ -7,10 +7,15 @@
 
 namespace pr {
 
-// Workspace bytes the chunked prefill needs for these parameters; 0 when it does not apply.
+// Workspace bytes the chunked prefill asks for (at most 256 MiB unless one chunk of every head takes
+// more); 0 when it does not apply.
 uint64_t prefill_chunked_workspace_bytes(const PrPrefillParams& p);
-// Parameters validated by pr_prefill, prefill_chunked_workspace_bytes(p) > 0 and a workspace of
-// at least that size.
+// Whether it applies and p.workspace (16-byte aligned) holds at least one chunk per segment; a
+// smaller workspace than asked for means shorter segments, not other outputs.
+bool prefill_chunked_fits(const PrPrefillParams& p);
+// Chunks per segment the chunked prefill runs with p.workspace_bytes; 0 when it would not run.
+int prefill_chunked_segment_chunks(const PrPrefillParams& p);
+// Parameters validated by pr_prefill and prefill_chunked_fits(p).
 cudaError_t prefill_chunked(const PrPrefillParams& p, cudaStream_t stream);
 
 }  // namespace pr

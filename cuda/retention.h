@@ -44,9 +44,11 @@ enum { PR_DTYPE_F32 = 0, PR_DTYPE_F16 = 1, PR_DTYPE_BF16 = 2 };
  * present_state/present_sum_of_keys: each may be NULL (not wanted). present_* may alias past_*
  * (each block reads its slice of the past state before writing the same slice).
  * S = 0 is allowed (present = past, or zeros). Any S works; the last chunk may be short.
- * workspace: device scratch of pr_prefill_workspace_bytes(params) bytes, or NULL. With it, bf16 with
- * Dk = Dv = 64 runs the two-kernel chunked prefill (per-chunk states in the workspace, bf16); without
- * it, the one-kernel tensor-core path. Both give the same outputs within the bf16 tolerance. */
+ * workspace: device scratch (16-byte aligned) of pr_prefill_workspace_bytes(params) bytes, or NULL.
+ * With it, bf16 with Dk = Dv = 64 runs the two-kernel chunked prefill (per-chunk states in the
+ * workspace, bf16); without it, the one-kernel tensor-core path. Both give the same outputs within
+ * the bf16 tolerance. A smaller workspace (at least one chunk of states per head) runs the sequence
+ * in shorter segments with the same outputs; one below that falls back to the one-kernel path. */
 typedef struct {
   int64_t batch;         /* B */
   int64_t seq_len;       /* S >= 0 */
@@ -107,10 +109,15 @@ typedef struct {
   int64_t* cache_length;   /* (B), in place */
 } PrDecodeParams;
 
-/* Scratch bytes the fastest pr_prefill path needs for these params: B*Hkv*ceil(S/T)*2560*72*2 with
- * T the chunk (chunk_size when it is a multiple of 256 up to 2048, else 1024) for bf16 Dk = Dv = 64;
- * 0 when no path needs one. */
+/* Scratch bytes the fastest pr_prefill path asks for: for bf16 Dk = Dv = 64, B*Hkv*ceil(S/T)*2560*72*2
+ * (rounded up to 256) with T the chunk (chunk_size when it is a multiple of 256 up to 2048, else
+ * 512), capped at 256 MiB by running the sequence in segments (plus a f32 carried state where
+ * present_* are NULL), but at least one chunk per head; 0 when no path needs one. */
 uint64_t pr_prefill_workspace_bytes(const PrPrefillParams* params);
+
+/* Chunks per segment pr_prefill's chunked path runs with params->workspace_bytes (the sequence in
+ * ceil(chunks / that) segments); 0 when pr_prefill would take another path. For tests and tuning. */
+int32_t pr_prefill_segment_chunks(const PrPrefillParams* params);
 
 /* Returns a cudaError_t: 0 on success, cudaErrorInvalidValue (1) for unsupported parameters. */
 int pr_prefill(const PrPrefillParams* params, void* stream);

@@ -68,8 +68,8 @@ fn chunked_prefill_enabled() -> bool {
     )
 }
 
-/// Off until the chunked kernels have passed the GPU tests (tests/gpu/test_kernels.py) on a GPU.
-const CHUNKED_PREFILL_DEFAULT: bool = false;
+/// On since the chunked kernels passed tests/gpu/test_kernels.py, the sanitizer and the ORT CUDA tests on an H100.
+const CHUNKED_PREFILL_DEFAULT: bool = true;
 
 fn required(op: &OpSchema, port: usize, x: Option<DeviceBuffer>) -> Result<DeviceBuffer> {
     x.ok_or(Error::MissingInput {

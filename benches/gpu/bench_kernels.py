@@ -42,7 +42,7 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-CHUNKS = (512, 1024, 2048)  # chunk_size hints of the two-kernel prefill (1024 is its default)
+CHUNKS = (256, 512, 1024)  # chunk_size hints of the two-kernel prefill (512 is its default)
 
 
 def prefill_rows():

@@ -154,8 +154,8 @@ def prefill_rows(S):
         bind_view(io, name, t)
     bind_view(io, "output", out, output=True)
     t_ort = time_wall(lambda: sess.run_with_iobinding(io), reps=20, warm=3)
-    # the bare kernel ORT's node runs: the chunked pair only when the plugin was told to use it
-    kernel = "auto" if os.environ.get("POWER_RETENTION_CHUNKED_PREFILL") == "1" else "tc"
+    # the bare kernel ORT's node runs: the chunked pair unless the plugin was told not to use it
+    kernel = "tc" if os.environ.get("POWER_RETENTION_CHUNKED_PREFILL") == "0" else "auto"
     t_k = time_cuda(lambda: prlib.prefill(q, k, v, lg, out, 1 / D ** 0.5, kernel=kernel), reps=20, warm=3)
     return t_k, t_ort
 

@@ -40,6 +40,8 @@ lib.pr_decode.argtypes = [ctypes.POINTER(PrDecodeParams), c_ptr]
 lib.pr_decode.restype = ctypes.c_int
 lib.pr_prefill_workspace_bytes.argtypes = [ctypes.POINTER(PrPrefillParams)]
 lib.pr_prefill_workspace_bytes.restype = c_u64
+lib.pr_prefill_segment_chunks.argtypes = [ctypes.POINTER(PrPrefillParams)]
+lib.pr_prefill_segment_chunks.restype = c_i32
 lib.pr_abi_layout.argtypes = [ctypes.POINTER(c_u64), c_i32]
 lib.pr_abi_layout.restype = c_i32
 
@@ -71,6 +73,7 @@ def prefill_params(q, k, v, lg, out, scale, past=None, present=None, chunk=0):
 
 
 _workspaces = {}
+last_segment_chunks = 0
 
 
 def workspace(nbytes):
@@ -81,17 +84,24 @@ def workspace(nbytes):
     return w
 
 
-def prefill(q, k, v, lg, out, scale, past=None, present=None, kernel="auto", chunk=0):
+def prefill(q, k, v, lg, out, scale, past=None, present=None, kernel="auto", chunk=0, workspace_bytes=None):
     """pr_prefill as ORT calls it (kernel "auto": given the workspace it asks for, so the chunked
     two-kernel path runs where it applies), "tc" (no workspace: the one-kernel tensor-core path where
-    it applies) or "simt" (pr_prefill_simt). chunk is the chunk_size hint."""
+    it applies) or "simt" (pr_prefill_simt). chunk is the chunk_size hint. workspace_bytes, a
+    function of the bytes asked for, gives "auto" a workspace of another size (shorter segments).
+    Returns pr_prefill's rc; last_segment_chunks is then the chunks per segment of the chunked
+    path (0 when another path ran)."""
+    global last_segment_chunks
     assert kernel in ("auto", "tc", "simt"), kernel
     prm = prefill_params(q, k, v, lg, out, scale, past, present)
     prm.chunk_size = chunk
     if kernel == "auto":
         n = lib.pr_prefill_workspace_bytes(ctypes.byref(prm))
+        if n > 0 and workspace_bytes is not None:
+            n = workspace_bytes(n)
         if n > 0:
             prm.workspace, prm.workspace_bytes = workspace(n).data_ptr(), n
+    last_segment_chunks = 0 if kernel == "simt" else lib.pr_prefill_segment_chunks(ctypes.byref(prm))
     return (lib.pr_prefill_simt if kernel == "simt" else lib.pr_prefill)(ctypes.byref(prm), stream_handle())
 
 

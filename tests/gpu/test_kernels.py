@@ -104,9 +104,12 @@ def cumsum_or_zero(lg, shape):
     return torch.zeros(shape, device=dev, dtype=torch.float64) if lg is None else lg.double().cumsum(0)
 
 
-def check_prefill(B, S, Hq, Hkv, Dk, Dv, dtype, gated, past, gen, kernel="auto", chunk=0):
+def check_prefill(B, S, Hq, Hkv, Dk, Dv, dtype, gated, past, gen, kernel="auto", chunk=0, segmented=False):
     """kernel: "auto" (pr_prefill with its workspace: the chunked kernels for bf16 Dk = Dv = 64),
-    "tc" (no workspace: the one-kernel tensor-core path for bf16 Dk 32/64) or "simt"."""
+    "tc" (no workspace: the one-kernel tensor-core path for bf16 Dk 32/64) or "simt".
+    segmented: "auto" given half the workspace it asks for, so that the sequence runs in segments
+    (the state carried through present_*); then once more without present_* (carried through the
+    workspace), which must give the same output bit for bit."""
     q, k, v, lg = rand_inputs(B, S, Hq, Hkv, Dk, Dv, dtype, gated, gen)
     scale = 1.0 / math.sqrt(Dk)
     D = Dk * (Dk + 1) // 2
@@ -114,9 +117,27 @@ def check_prefill(B, S, Hq, Hkv, Dk, Dv, dtype, gated, past, gen, kernel="auto",
     out = torch.full((B, S, Hq, Dv), float("nan"), device=dev, dtype=dtype)
     nS = torch.full((B, Hkv, D, Dv), float("nan"), device=dev)
     ns = torch.full((B, Hkv, D), float("nan"), device=dev)
-    rc = prlib.prefill(q, k, v, lg, out, scale, (S0, s0) if past else None, (nS, ns), kernel=kernel, chunk=chunk)
+    half = (lambda n: n // 2) if segmented else None
+    pst = (S0, s0) if past else None
+    rc = prlib.prefill(q, k, v, lg, out, scale, pst, (nS, ns), kernel=kernel, chunk=chunk, workspace_bytes=half)
     torch.cuda.synchronize()
     assert rc == 0, rc
+    chunked = kernel == "auto" and dtype == torch.bfloat16 and Dk == 64 and Dv == 64 and S > 0
+    seg = prlib.last_segment_chunks
+    nchunks = -(-S // (chunk or 512))
+    record("prefill path" + (" (chunked)" if chunked else f" ({kernel})"), dtype, 0.0, ok=(seg > 0) == chunked)
+    if segmented:
+        # Without present_* the state is carried in the workspace: f32 (B, Hkv, D, Dv) and (B, Hkv, D),
+        # each rounded up to 256 bytes, on top of the same segments' states.
+        a256 = lambda x: -(-x // 256) * 256
+        carry = a256(B * Hkv * D * Dv * 4) + a256(B * Hkv * D * 4)
+        out2 = torch.full_like(out, float("nan"))
+        rc2 = prlib.prefill(q, k, v, lg, out2, scale, pst, None, chunk=chunk, workspace_bytes=lambda n: n // 2 + carry)
+        torch.cuda.synchronize()
+        seg2 = prlib.last_segment_chunks
+        record("prefill segments", dtype, 0.0, ok=rc2 == 0 and 0 < seg < nchunks and seg2 == seg)
+        # same segments, same arithmetic: the carried state is the kernel's own f32 state
+        record("prefill carry-independent", dtype, 0.0, ok=torch.equal(out, out2))
     eo = es = 0.0
     for b in range(B):
         G = cumsum_or_zero(None if lg is None else lg[b], (S, Hkv))
@@ -130,7 +151,8 @@ def check_prefill(B, S, Hq, Hkv, Dk, Dv, dtype, gated, past, gen, kernel="auto",
         else:
             RS, Rs = torch.zeros_like(nS[b]).double(), torch.zeros_like(ns[b]).double()
         es = max(es, rel(nS[b], RS), rel(ns[b], Rs))
-    tag = ("" if kernel == "auto" else f" ({kernel})") + (f" chunk {chunk}" if chunk else "")
+    tag = ("" if kernel == "auto" else f" ({kernel})") + (f" chunk {chunk}" if chunk else "") + (
+        " segmented" if segmented else "")
     record("prefill out" + tag, dtype, eo)
     record("prefill state" + tag, dtype, es, tol=1e-4 if dtype == torch.float32 else TOL[dtype])
 
@@ -234,8 +256,9 @@ def main(small):
                 if dtype == torch.bfloat16 and Dk <= 64:  # a tensor-core path ran: check the others too
                     if Dk == 64 and Dv == 64:  # "auto" was the chunked kernels
                         check_prefill(B, S, Hq, Hkv, Dk, Dv, dtype, gated, past, gen, kernel="tc")
-                        if S > 256:  # several chunks of the shortest length
+                        if S > 256:  # several chunks of the shortest length, in one and in several segments
                             check_prefill(B, S, Hq, Hkv, Dk, Dv, dtype, gated, past, gen, chunk=256)
+                            check_prefill(B, S, Hq, Hkv, Dk, Dv, dtype, gated, past, gen, chunk=256, segmented=True)
                     check_prefill(B, S, Hq, Hkv, Dk, Dv, dtype, gated, past, gen, kernel="simt")
     caps = [16] if small else [1, 16, 64]
     # Dv 8 and 128 (with Dk 64 too), Dk 32 with Dv 96 (12 column blocks), GQA.
