@@ -242,7 +242,7 @@ def main(small):
     gen.manual_seed(1234)
     dtypes = [torch.float32, torch.float16, torch.bfloat16]
     if small:
-        shapes = [(1, 7, 4, 2, 32, 32), (1, 65, 2, 2, 64, 64)]
+        shapes = [(1, 7, 4, 2, 32, 32), (1, 65, 2, 2, 64, 64), (1, 600, 2, 2, 64, 64)]  # 600: segments
         flags = [(True, True)]
     else:
         shapes = [(1, 1, 1, 1, 32, 32), (2, 7, 4, 4, 64, 64), (1, 63, 8, 2, 64, 64), (1, 65, 4, 4, 32, 32),
