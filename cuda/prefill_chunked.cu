@@ -56,7 +56,7 @@ constexpr int D = DK * (DK + 1) / 2;
 constexpr int KP = DK + 8;    // row pitch (bf16) of query/key tiles: conflict-free ldmatrix
 constexpr int kTok = 64;      // tokens per key/value tile
 constexpr int kQRows = 256;   // query rows per query block
-constexpr int kDefaultT = 512;  // fastest of 512/1024/2048 at 2k-128k on H100 (benches/RESULTS.md)
+constexpr int kDefaultT = 512;  // fastest of 256..2048 at 2k-128k on H100 (benches/RESULTS.md)
 
 // b tiles of the values a' < a in the padded layout
 __host__ __device__ constexpr int tiles_before(int a) {
@@ -325,7 +325,7 @@ __global__ void __launch_bounds__(kQThreads, 1) retention_prefill_query_kernel(c
   const int hq = blockIdx.y, hk = hq / sh.r;
   const int64_t bb = blockIdx.z, bh = bb * sh.Hkv + hk, S = sh.S;
   const int64_t r0 = tok0 + static_cast<int64_t>(blockIdx.x) * kQRows;
-  const int n = static_cast<int>((r0 - tok0) / T);
+  const int n = static_cast<int>(blockIdx.x) * kQRows / T;
   const int64_t c0 = tok0 + static_cast<int64_t>(n) * T;
   const int L = static_cast<int>(r0 - c0) + kQRows;  // gates needed: chunk start .. last row
   const bf16* qptr = static_cast<const bf16*>(p.query);
@@ -547,12 +547,13 @@ struct Plan {
   uint64_t carry_state_off = 0, carry_sum_off = 0, bytes = 0;
 };
 
-// The layout for segments of k chunks (1 <= k <= nchunks).
-Plan layout(const PrPrefillParams& p, int T, int nchunks, int k) {
+// The layout for segments of k chunks (1 <= k <= the number of chunks).
+Plan layout(const PrPrefillParams& p, int k) {
   Plan pl;
-  pl.T = T;
-  pl.nchunks = nchunks;
+  pl.T = chunk_tokens(p);
+  pl.nchunks = static_cast<int>((p.seq_len + pl.T - 1) / pl.T);
   pl.per_segment = k;
+  const int nchunks = pl.nchunks;
   const uint64_t heads = static_cast<uint64_t>(p.batch) * p.kv_heads;
   pl.bytes = pl.carry_state_off = align256(heads * k * kChunkBytes);
   if (k < nchunks) {
@@ -565,14 +566,12 @@ Plan layout(const PrPrefillParams& p, int T, int nchunks, int k) {
 
 // The longest segments a workspace of `budget` bytes holds.
 Plan plan(const PrPrefillParams& p, uint64_t budget) {
-  const int T = chunk_tokens(p);
-  const int nchunks = static_cast<int>((p.seq_len + T - 1) / T);
-  const Plan whole = layout(p, T, nchunks, nchunks);
+  const Plan one = layout(p, 1), whole = layout(p, one.nchunks);
   if (whole.bytes <= budget) return whole;
   const uint64_t heads = static_cast<uint64_t>(p.batch) * p.kv_heads;
-  int k = static_cast<int>(std::min<uint64_t>(budget / (heads * kChunkBytes), nchunks - 1));
-  while (k > 0 && layout(p, T, nchunks, k).bytes > budget) --k;
-  return k > 0 ? layout(p, T, nchunks, k) : Plan{};
+  int k = static_cast<int>(std::min<uint64_t>(budget / (heads * kChunkBytes), one.nchunks - 1));
+  while (k > 0 && layout(p, k).bytes > budget) --k;
+  return k > 0 ? layout(p, k) : Plan{};
 }
 
 bool applies(const PrPrefillParams& p) {
@@ -588,9 +587,7 @@ uint64_t prefill_chunked_workspace_bytes(const PrPrefillParams& p) {
   using namespace chunked;
   if (!applies(p)) return 0;
   const Plan capped = plan(p, kWorkspaceCap);
-  if (capped.per_segment > 0) return capped.bytes;
-  const int T = chunk_tokens(p);
-  return layout(p, T, static_cast<int>((p.seq_len + T - 1) / T), 1).bytes;
+  return capped.per_segment > 0 ? capped.bytes : layout(p, 1).bytes;
 }
 
 bool prefill_chunked_fits(const PrPrefillParams& p) {

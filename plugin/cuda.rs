@@ -55,8 +55,8 @@ fn supported(op: &'static OpSchema, d: &Dims, deg: usize) -> Result<()> {
     Ok(())
 }
 
-/// Whether the two-kernel chunked prefill may run: `POWER_RETENTION_CHUNKED_PREFILL=1` opts in,
-/// `=0` out; unset takes [`CHUNKED_PREFILL_DEFAULT`].
+/// Whether the two-kernel chunked prefill may run: `POWER_RETENTION_CHUNKED_PREFILL=0` turns it
+/// off, `=1` on; unset takes [`CHUNKED_PREFILL_DEFAULT`].
 fn chunked_prefill_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(
