@@ -1,28 +1,29 @@
-// PowerRetention prefill in two kernels over long chunks, on tensor cores (bf16, Dk = Dv = 64).
+// PowerRetention prefill in three kernels over long chunks, on tensor cores (bf16, Dk = Dv = 64).
 //
 // The one-kernel prefill (prefill_tc.cu) walks 64-token chunks in order inside 128 blocks of 8
 // value columns each: every block redoes the chunk's attention and reloads its operands, and the
 // chunk loop is one long dependency chain. Here the sequence is cut into chunks of T tokens
-// (T a multiple of 256 up to 2048: the chunk_size hint where it is one, else 512) and the work is split in two launches:
+// (T a multiple of 256 up to 2048: the chunk_size hint where it is one, else 512) and the work is
+// split in three launches, none of which walks the sequence with tensor-core work in its chain:
 //
-// 1. states: grid (12, Hkv, B), 4 warps. Block (4c + ng) owns the state rows of the 16 values
-//    a = 4c + w + 16k (w < 4, k < 4) and the extended columns [24 ng, 24 ng + 24) for the whole
-//    sequence, 64 tokens at a time. Before each chunk n it writes the state it holds (the state
-//    before the chunk's first token) to the workspace in bf16, then folds the chunk in:
-//      U[(a, b), c] = e^{G_T} U + sum_j (k_ja gamma_j) k_jb x_j[c],  gamma_j = e^{G_T - G_j},
-//    with x_j = (v_j, 1, 0...): column Dv carries the sum of keys. The mma is K^T (ldmatrix.trans
-//    of the key tile) times the value tile scaled per token by k_ja gamma_j (bf16). U is kept
-//    unweighted; the compact weights w_ab (2 above the diagonal, 1 on it, 0 below) are applied when
-//    a state is written.
-// 2. query: grid (S/256, Hq, B), 8 warps of 32 query rows. For its chunk it reads the state
-//    before the chunk from the workspace (streamed through shared memory, 3 stages) and computes
+// 1. deltas: grid (10 x chunks, Hkv, B), 8 warps. Every chunk's own contribution to the state at its
+//    end, independently of the others:
+//      Delta_n[(a, b), c] = w_ab sum_j (k_ja gamma_j) k_jb x_j[c],  gamma_j = e^{G_T - G_j},
+//    with x_j = (v_j, 1, 0...): column Dv carries the sum of keys, w_ab the compact weights (2
+//    above the diagonal, 1 on it, 0 below). Written to the chunk's workspace slot in bf16.
+// 1b. scan: P_0 = the past state, P_{n+1} = e^{G_T(n)} P_n + Delta_n, elementwise in f32, one thread
+//    per 8 state elements; each slot's delta is replaced by the state before its chunk (bf16), the
+//    last state goes to present_* in f32.
+// 2. query: grid (S/256, Hq, B), 8 warps of 32 query rows. For its chunk it reads the state before
+//    the chunk from the workspace (streamed through shared memory, 3 stages of 64 rows) and computes
 //      acc_i = scale^2 e^{G_i} sum_(a, b >= a) q_ia q_ib P[(a, b), :]
 //    as mma's of the queries scaled per row by q_ia (bf16, held in registers) with the state rows
 //    of a; then the attention to the chunk's keys j <= i with weights (|scale q.k| + eps)^2
 //    e^{G_i - G_j} (f32, rounded to bf16 for the W x mma) is added into the same accumulators.
 //    Column Dv of acc is the denominator, so y_i = acc_i[:Dv] / acc_i[Dv].
 //
-// Workspace: P (B, Hkv, chunks of a segment, 2560, 72) bf16, the padded state layout below; long
+// Workspace: P (B, Hkv, chunks of a segment, 2560, 72) bf16, the padded state layout below, and the
+// chunk decays e^{G_T} (B, Hkv, chunks) f32; long
 // sequences run in segments so that P stays under kWorkspaceCap (256 MiB), see prefill_chunked.
 // Padded rows: a-major; a has the 16-row b tiles m = floor(a/16) .. 3 (rows b < a are zero), so
 // a state row tile is always 16 consecutive b values: 160 tiles = 2560 rows instead of D = 2080.
@@ -30,12 +31,14 @@
 // Precision: keys, queries and values are bf16 inputs; q_ia q_ib, k_ja gamma_j, their products
 // with v, the stored states and the weights W are rounded to bf16 where they enter an mma (relative
 // 2^-9 per element, accumulated in f32), the package's own precision (it keeps state and phi in
-// bf16); the state carried from chunk to chunk, present_state and the gates are f32 (gate sums f64).
+// bf16). Each chunk's delta is rounded to bf16 once (relative 2^-9 of that chunk's own share; the
+// errors of different chunks do not compound, as the scan that sums them is f32); present_state and
+// the gates are f32 (gate sums f64).
 //
 // Race-freedom: every shared buffer written by one thread and read by another is separated by a
 // barrier; cp.async stages are reused only after the barrier that follows their last read. In-place
-// calls (present_* aliasing past_*): the states block that reads a slice of the past state is the
-// only one that writes that slice, after its last chunk.
+// calls (present_* aliasing past_*): the scan thread that reads an element of the past state is the
+// only one that writes it, after its last chunk.
 #include <math.h>
 
 #include <algorithm>
@@ -116,189 +119,238 @@ __device__ __forceinline__ double gate_scan(const PrPrefillParams& p, const Pref
 }
 
 // ---------------------------------------------------------------------------------------------
-// Kernel 1: states
-constexpr int kSThreads = 128, VW = 24;  // 4 warps; extended columns per block (3 n-tiles)
-constexpr int KGP = kTok + 8;            // pitch of the scaled transposed keys
+// B fragments of 16 rows x 72 extended columns from a row-major [row][NX] bf16 tile.
+__device__ __forceinline__ void load_b_ext(uint32_t (&B)[9][2], const bf16* rows) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int pp = 0; pp < 4; ++pp) {
+    uint32_t x[4];
+    mma::ldsm_x4_t(x, rows + (lane & 15) * NX + 16 * pp + (lane >> 4) * 8);
+    B[2 * pp][0] = x[0];
+    B[2 * pp][1] = x[1];
+    B[2 * pp + 1][0] = x[2];
+    B[2 * pp + 1][1] = x[3];
+  }
+  mma::ldsm_x2_t(B[8], rows + (lane & 15) * NX + DV);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel 1: chunk deltas. Block (kDBlocks n + tg) computes, for chunk n of the segment and the 8 warp
+// tasks 8 tg .. 8 tg + 7 of the kTasks, the chunk's own contribution to the state at its end,
+//   Delta_n[(a, b), c] = w_ab sum_j gamma_j k_ja k_jb x_j[c],  gamma_j = e^{G_T - G_j},
+// into P slot n (bf16, padded layout). Warp task (m, a0) owns the row tiles (a, b tile m) of the
+// kDA values a = a0 .. a0 + kDA - 1 (all a <= 16 m + 15) and all 72 columns: the A operand is the key
+// tile's columns 16m.. transposed (one ldmatrix per 16 tokens, shared by the task's values), scaled per
+// token by k_ja gamma_j; the B operand is the extended value tile, shared by every task.
+// Values a per warp task: two (72 accumulators, 128 registers, two blocks an SM) ran 4 % faster than
+// four (144 accumulators, one block an SM) on H100 (benches/RESULTS.md, eighth session).
+constexpr int kDA = 2;
+constexpr int kDThreads = 256, kTasks = 160 / kDA, kDBlocks = kTasks / (kDThreads / 32);
+constexpr int kDMinBlocks = kDA <= 2 ? 2 : 1;
+constexpr int KGP = kTok + 8;  // pitch of a warp's k_ja gamma_j rows
 constexpr int kMaxT = 2048;
-constexpr int kMaxPerS = kMaxT / kSThreads;
-struct SCfg {
-  static constexpr int oK = 0;                         // bf16 [2][kTok][KP]
-  static constexpr int oV = oK + 2 * kTok * KP * 2;    // bf16 [2][kTok][VW]
-  static constexpr int oKG = oV + 2 * kTok * VW * 2;   // bf16 [16][KGP]: k_ja gamma_j of the block's a
-  static constexpr int oW = oKG + 16 * KGP * 2;        // f64 [4] warp totals
-  static constexpr int oGam = oW + 4 * 8;              // f32 [T] gamma_j of the chunk
-  static size_t bytes(int T) { return oGam + static_cast<size_t>(T) * 4; }
+constexpr int kMaxPerD = kMaxT / kDThreads;
+struct DCfg {
+  static constexpr int oK = 0;                        // bf16 [2][kTok][KP]
+  static constexpr int oV = oK + 2 * kTok * KP * 2;   // bf16 [2][kTok][NX]
+  static constexpr int oKG = oV + 2 * kTok * NX * 2;  // bf16 [8 warps][4][KGP]
+  static constexpr int oW = oKG + 8 * kDA * KGP * 2;  // f64 [8] warp totals
+  static constexpr int oGam = oW + 8 * 8;             // f32 [T] gamma_j of the chunk
+  // After the last tile, everything above is reused as the warps' output tiles, bf16 [8][4][16][NX]:
+  // the delta leaves in 16-byte stores of whole rows rather than 72 scattered 4-byte ones a thread.
+  static constexpr int kOut = kDA * 16 * NX * 2;
+  static size_t bytes(int T) { return std::max<size_t>(oGam + static_cast<size_t>(T) * 4, 8 * kOut); }
 };
 
-__host__ __device__ constexpr int pidx(int k, int m) { return 4 * k - k * (k - 1) / 2 + (m - k); }
+// Warp task -> (b tile m, first value a0): tile m has 16 (m + 1) / kDA tasks of kDA values each.
+__device__ __forceinline__ void task_tile(int task, int& m, int& a0) {
+  m = 0;
+  while (m < 3 && task >= 8 * (m + 1) * (m + 2) / kDA) ++m;
+  a0 = kDA * (task - 8 * m * (m + 1) / kDA);
+}
 
-// Tokens [tok0, tok0 + nchunks T) of the sequence (one segment; see prefill_chunked).
-__global__ void __launch_bounds__(kSThreads) retention_prefill_states_kernel(const PrPrefillParams p, const PrefillShape sh,
-                                                                            int64_t tok0, int T, int nchunks,
-                                                                            bf16* __restrict__ P) {
+__global__ void __launch_bounds__(kDThreads, kDMinBlocks) retention_prefill_deltas_kernel(const PrPrefillParams p, const PrefillShape sh,
+                                                                               int64_t tok0, int T, int nchunks,
+                                                                               bf16* __restrict__ P, float* __restrict__ decays) {
   extern __shared__ __align__(16) unsigned char smem[];
-  bf16* Ks = reinterpret_cast<bf16*>(smem + SCfg::oK);
-  bf16* Vs = reinterpret_cast<bf16*>(smem + SCfg::oV);
-  bf16* KG = reinterpret_cast<bf16*>(smem + SCfg::oKG);
-  double* wtot = reinterpret_cast<double*>(smem + SCfg::oW);
-  float* gam = reinterpret_cast<float*>(smem + SCfg::oGam);
+  bf16* Ks = reinterpret_cast<bf16*>(smem + DCfg::oK);
+  bf16* Vs = reinterpret_cast<bf16*>(smem + DCfg::oV);
+  double* wtot = reinterpret_cast<double*>(smem + DCfg::oW);
+  float* gam = reinterpret_cast<float*>(smem + DCfg::oGam);
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-  const int c = blockIdx.x / 3, ng = blockIdx.x % 3, hk = blockIdx.y;
+  const int n = blockIdx.x / kDBlocks, tg = blockIdx.x % kDBlocks, hk = blockIdx.y;
   const int64_t bb = blockIdx.z, bh = bb * sh.Hkv + hk, S = sh.S;
-  const int w = 4 * c + warp, col0 = VW * ng;
+  const int64_t c0 = tok0 + static_cast<int64_t>(n) * T;
+  int m, a0;
+  task_tile(kTasks / kDBlocks * tg + warp, m, a0);
+  bf16* KG = reinterpret_cast<bf16*>(smem + DCfg::oKG) + warp * kDA * KGP;
   const bf16* kptr = static_cast<const bf16*>(p.key);
   const bf16* vptr = static_cast<const bf16*>(p.value);
   const int krow = (lane & 7) + (lane >> 4) * 8, kcol = ((lane >> 3) & 1) * 8;
 
-  float acc[10][3][4];  // acc[pidx(k, m)][nt]: U[(a, 16m + g (+8)), col0 + 8nt + 2t (+1)], a = w + 16k
-#pragma unroll
-  for (int k = 0; k < 4; ++k)
-#pragma unroll
-    for (int m = k; m < 4; ++m)
-#pragma unroll
-      for (int nt = 0; nt < 3; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int a = w + 16 * k, b = 16 * m + g + 8 * (e >> 1), col = col0 + 8 * nt + 2 * t + (e & 1);
-          float v = 0.f;
-          if (p.past_state != nullptr && b >= a) {
-            const float inv = b > a ? 0.5f : 1.f;
-            if (col < DV) v = inv * p.past_state[(bh * D + crow<DK>(a, b)) * DV + col];
-            else if (col == DV) v = inv * p.past_sum_of_keys[bh * D + crow<DK>(a, b)];
-          }
-          acc[pidx(k, m)][nt][e] = v;
-        }
+  // value-tile columns DV.. : 1 (the sum of keys), then zeros; never overwritten
+  for (int e = tid; e < 2 * kTok * 8; e += kDThreads) Vs[(e >> 3) * NX + DV + (e & 7)] = __float2bfloat16((e & 7) == 0 ? 1.f : 0.f);
 
-  // The sum-of-keys column (1) and the zero columns after it never change: set once.
-  if (ng == 2)
-    for (int e = tid; e < 2 * kTok * 8; e += kSThreads) {
-      const int row = e >> 3, cc = e & 7;
-      Vs[row * VW + 16 + cc] = __float2bfloat16(cc == 0 ? 1.f : 0.f);
-    }
-
-  // tok0 and T are multiples of kTok
-  const int64_t ntiles = min((S + kTok - 1) / kTok, (tok0 + static_cast<int64_t>(nchunks) * T) / kTok);
-  auto issue_tile = [&](int64_t gt, int buf) {
-    copy_rows<kSThreads, kTok, DK / 8>(Ks + buf * kTok * KP, KP, kptr, bb, S, sh.Hkv, hk, DK, 0, gt * kTok);
-    bf16* vd = Vs + buf * kTok * VW;
-    if (ng < 2)
-      copy_rows<kSThreads, kTok, VW / 8>(vd, VW, vptr, bb, S, sh.Hkv, hk, DV, col0, gt * kTok);
-    else  // the last group's values end at DV; its other columns are set once
-      copy_rows<kSThreads, kTok, (DV % VW) / 8>(vd, VW, vptr, bb, S, sh.Hkv, hk, DV, col0, gt * kTok);
+  const int ntiles = static_cast<int>((min(S - c0, static_cast<int64_t>(T)) + kTok - 1) / kTok);  // c0 < S
+  auto issue_tile = [&](int kt, int buf) {
+    const int64_t j0 = c0 + static_cast<int64_t>(kt) * kTok;
+    copy_rows<kDThreads, kTok, DK / 8>(Ks + buf * kTok * KP, KP, kptr, bb, S, sh.Hkv, hk, DK, 0, j0);
+    copy_rows<kDThreads, kTok, DV / 8>(Vs + buf * kTok * NX, NX, vptr, bb, S, sh.Hkv, hk, DV, 0, j0);
   };
+  issue_tile(0, 0);
+  mma::cp_async_commit();
 
-  auto write_state = [&](bf16* dst) {
+  {  // gamma_j = e^{G_T - G_j} and the chunk decay e^{G_T}
+    double local[kMaxPerD], total;
+    const double off = gate_scan<kDThreads, kMaxPerD>(p, sh, bb, hk, c0, T, local, wtot, &total);
+    const int per = T / kDThreads;
 #pragma unroll
-    for (int k = 0; k < 4; ++k)
-#pragma unroll
-      for (int m = k; m < 4; ++m)
-#pragma unroll
-        for (int h8 = 0; h8 < 2; ++h8) {
-          const int a = w + 16 * k, b = 16 * m + g + 8 * h8;
-          const float wt = key_weight(a, b);
-          bf16* row = dst + static_cast<int64_t>(padded_row(a, b)) * NX + col0 + 2 * t;
-#pragma unroll
-          for (int nt = 0; nt < 3; ++nt)
-            *reinterpret_cast<__nv_bfloat162*>(row + 8 * nt) =
-                __floats2bfloat162_rn(wt * acc[pidx(k, m)][nt][2 * h8], wt * acc[pidx(k, m)][nt][2 * h8 + 1]);
-        }
-  };
-
-  int64_t gt = tok0 / kTok;
-  if (gt < ntiles) {
-    issue_tile(gt, static_cast<int>(gt & 1));
-    mma::cp_async_commit();
-  }
-  for (int n = 0; n < nchunks; ++n) {
-    const int64_t c0 = tok0 + static_cast<int64_t>(n) * T;
-    // gamma_j = e^{G_T - G_j} and the chunk decay e^{G_T}
-    double local[kMaxPerS], total;
-    const double off = gate_scan<kSThreads, kMaxPerS>(p, sh, bb, hk, c0, T, local, wtot, &total);
-    const int per = T / kSThreads;
-#pragma unroll
-    for (int i = 0; i < kMaxPerS; ++i)
+    for (int i = 0; i < kMaxPerD; ++i)
       if (i < per) gam[tid * per + i] = expf(static_cast<float>(total - (local[i] + off)));
-    const float decay = expf(static_cast<float>(total));
-
-    write_state(P + ((bh * nchunks + n) * kRows) * NX);
-#pragma unroll
-    for (int i = 0; i < 10; ++i)
-#pragma unroll
-      for (int nt = 0; nt < 3; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[i][nt][e] *= decay;
-
-    const int64_t tile_end = min(ntiles, (c0 + T) / kTok);
-    for (; gt < tile_end; ++gt) {
-      const int buf = static_cast<int>(gt & 1);
-      mma::cp_async_wait_all();
-      __syncthreads();  // tile gt landed; the other buffer, KG and gam of earlier phases are free
-      if (gt + 1 < ntiles) {
-        issue_tile(gt + 1, buf ^ 1);
-        mma::cp_async_commit();
-      }
-      const bf16* Kc = Ks + buf * kTok * KP;
-      const bf16* Vc = Vs + buf * kTok * VW;
-      const int jbase = static_cast<int>(gt * kTok - c0);
-      for (int e = tid; e < 16 * kTok; e += kSThreads) {
-        const int ai = e / kTok, j = e % kTok, a = 4 * c + (ai & 3) + 16 * (ai >> 2);
-        KG[ai * KGP + j] = __float2bfloat16(bf(Kc[j * KP + a]) * gam[jbase + j]);
-      }
-      __syncthreads();
-#pragma unroll
-      for (int s = 0; s < kTok / 16; ++s) {
-        uint32_t A[4][4];  // K^T[b tile m][tokens 16s..]
-#pragma unroll
-        for (int m = 0; m < 4; ++m) mma::ldsm_x4_t(A[m], Kc + (16 * s + krow) * KP + 16 * m + kcol);
-        uint32_t Bv[3][2];
-#pragma unroll
-        for (int nt = 0; nt < 3; ++nt) mma::ldsm_x2_t(Bv[nt], Vc + (16 * s + (lane & 15)) * VW + 8 * nt);
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const bf16* kg = KG + (warp + 4 * k) * KGP + 16 * s + 2 * t;
-          const uint32_t s0 = *reinterpret_cast<const uint32_t*>(kg), s1 = *reinterpret_cast<const uint32_t*>(kg + 8);
-          uint32_t Bs[3][2];
-#pragma unroll
-          for (int nt = 0; nt < 3; ++nt) {
-            Bs[nt][0] = mma::mul_bf16x2(Bv[nt][0], s0);
-            Bs[nt][1] = mma::mul_bf16x2(Bv[nt][1], s1);
-          }
-#pragma unroll
-          for (int m = k; m < 4; ++m)
-#pragma unroll
-            for (int nt = 0; nt < 3; ++nt) mma::mma_bf16(acc[pidx(k, m)][nt], A[m], Bs[nt][0], Bs[nt][1]);
-        }
-      }
-    }
+    if (tg == 0 && tid == 0) decays[bh * nchunks + n] = expf(static_cast<float>(total));
   }
 
-  if (p.present_state != nullptr || p.present_sum_of_keys != nullptr) {
+  float acc[kDA][9][4];
 #pragma unroll
-    for (int k = 0; k < 4; ++k)
+  for (int i = 0; i < kDA; ++i)
 #pragma unroll
-      for (int m = k; m < 4; ++m)
+    for (int nt = 0; nt < 9; ++nt)
 #pragma unroll
-        for (int h8 = 0; h8 < 2; ++h8) {
-          const int a = w + 16 * k, b = 16 * m + g + 8 * h8;
-          if (b < a) continue;
-          const float wt = key_weight(a, b);
+      for (int e = 0; e < 4; ++e) acc[i][nt][e] = 0.f;
+
+  for (int kt = 0; kt < ntiles; ++kt) {
+    const int buf = kt & 1;
+    mma::cp_async_wait_all();
+    __syncthreads();  // tile kt and gam landed; the other buffer's last reads are done
+    if (kt + 1 < ntiles) {
+      issue_tile(kt + 1, buf ^ 1);
+      mma::cp_async_commit();
+    }
+    const bf16* Kc = Ks + buf * kTok * KP;
+    const bf16* Vc = Vs + buf * kTok * NX;
+    // this warp's k_ja gamma_j, token pairs: lanes of one row read 8 consecutive token pairs
 #pragma unroll
-          for (int nt = 0; nt < 3; ++nt) {
-            const int col = col0 + 8 * nt + 2 * t;
-            const float x = wt * acc[pidx(k, m)][nt][2 * h8], y = wt * acc[pidx(k, m)][nt][2 * h8 + 1];
-            if (col < DV && p.present_state != nullptr)
-              *reinterpret_cast<float2*>(p.present_state + (bh * D + crow<DK>(a, b)) * DV + col) = make_float2(x, y);
-            else if (col == DV && p.present_sum_of_keys != nullptr)
-              p.present_sum_of_keys[bh * D + crow<DK>(a, b)] = x;
-          }
-        }
+    for (int e = lane; e < kDA * kTok / 2; e += 32) {
+      const int ai = e % kDA, j = 2 * (e / kDA), jg = kt * kTok + j;
+      *reinterpret_cast<uint32_t*>(KG + ai * KGP + j) =
+          mma::pack_bf16(bf(Kc[j * KP + a0 + ai]) * gam[jg], bf(Kc[(j + 1) * KP + a0 + ai]) * gam[jg + 1]);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int s = 0; s < kTok / 16; ++s) {
+      uint32_t A[4];  // K^T[b tile m][tokens 16s..]
+      mma::ldsm_x4_t(A, Kc + (16 * s + krow) * KP + 16 * m + kcol);
+      uint32_t B[9][2];
+      load_b_ext(B, Vc + 16 * s * NX);
+#pragma unroll
+      for (int ai = 0; ai < kDA; ++ai) {
+        const bf16* kg = KG + ai * KGP + 16 * s + 2 * t;
+        const uint32_t s0 = *reinterpret_cast<const uint32_t*>(kg), s1 = *reinterpret_cast<const uint32_t*>(kg + 8);
+        const uint32_t As[4] = {mma::mul_bf16x2(A[0], s0), mma::mul_bf16x2(A[1], s0), mma::mul_bf16x2(A[2], s1),
+                                mma::mul_bf16x2(A[3], s1)};
+#pragma unroll
+        for (int nt = 0; nt < 9; ++nt) mma::mma_bf16(acc[ai][nt], As, B[nt][0], B[nt][1]);
+      }
+    }
+    __syncwarp();  // KG is rewritten for the next tile
+  }
+
+  __syncthreads();  // every warp is done with the tiles, KG and gam: the output tiles reuse them
+  bf16* O = reinterpret_cast<bf16*>(smem) + warp * (DCfg::kOut / 2);
+#pragma unroll
+  for (int ai = 0; ai < kDA; ++ai)
+#pragma unroll
+    for (int h8 = 0; h8 < 2; ++h8) {
+      const int r = g + 8 * h8;
+      const float wt = key_weight(a0 + ai, 16 * m + r);
+      bf16* row = O + (16 * ai + r) * NX + 2 * t;  // banks 4g + t + 4nt: conflict-free
+#pragma unroll
+      for (int nt = 0; nt < 9; ++nt)
+        *reinterpret_cast<__nv_bfloat162*>(row + 8 * nt) =
+            __floats2bfloat162_rn(wt * acc[ai][nt][2 * h8], wt * acc[ai][nt][2 * h8 + 1]);
+    }
+  __syncwarp();
+  bf16* Pn = P + ((bh * nchunks + n) * kRows) * NX;
+  constexpr int kVecs = 16 * NX / 8;  // the 16 rows of one a are consecutive padded rows
+#pragma unroll
+  for (int ai = 0; ai < kDA; ++ai) {
+    const uint4* src = reinterpret_cast<const uint4*>(O + 16 * ai * NX);
+    uint4* dst = reinterpret_cast<uint4*>(Pn + static_cast<int64_t>(padded_row(a0 + ai, 16 * m)) * NX);
+    for (int e = lane; e < kVecs; e += 32) dst[e] = src[e];
   }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Kernel 2: query
-constexpr int kQThreads = 256, kNst = 3, kStRows = 64;
+// Kernel 2: scan. P_0 = the past state, P_{n+1} = e^{G_T(n)} P_n + Delta_n, in f32, one thread per 8
+// consecutive elements of the padded state of a head. Slot n holds Delta_n on entry and P_n (bf16) on
+// exit; P_N goes to present_* (or the carry). The padding rows b < a stay zero.
+constexpr int kScanThreads = 256, kScanVec = 8, kScanAhead = 4;
+constexpr int kScanPerHead = kRows * NX / kScanVec;
+
+__global__ void __launch_bounds__(kScanThreads) retention_prefill_scan_kernel(const PrPrefillParams p, int nchunks,
+                                                                             bf16* __restrict__ P,
+                                                                             const float* __restrict__ decays) {
+  const int v = blockIdx.x * kScanThreads + threadIdx.x;
+  if (v >= kScanPerHead) return;
+  const int64_t bh = static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y;
+  const int r = v * kScanVec / NX, col0 = v * kScanVec % NX;
+  int a = 0;
+  while (a + 1 < DK && 16 * tiles_before(a + 1) <= r) ++a;
+  const int b = r - 16 * tiles_before(a) + 16 * (a >> 4);
+  const bool real = b >= a;
+  const int64_t crw = real ? (bh * D + crow<DK>(a, b)) : 0;
+
+  float st[kScanVec];
+#pragma unroll
+  for (int i = 0; i < kScanVec; ++i) {
+    const int col = col0 + i;
+    float x = 0.f;
+    if (real && p.past_state != nullptr && col < DV) x = p.past_state[crw * DV + col];
+    if (real && p.past_sum_of_keys != nullptr && col == DV) x = p.past_sum_of_keys[crw];
+    st[i] = x;
+  }
+
+  uint4* base = reinterpret_cast<uint4*>(P + bh * nchunks * static_cast<int64_t>(kRows) * NX) + v;
+  constexpr int64_t kSlot = static_cast<int64_t>(kRows) * NX / kScanVec;  // uint4 per slot
+  const float* dec = decays + bh * nchunks;
+  for (int n0 = 0; n0 < nchunks; n0 += kScanAhead) {
+    uint4 d[kScanAhead];  // the next deltas, loaded before any store so the loads overlap
+#pragma unroll
+    for (int u = 0; u < kScanAhead; ++u)
+      if (n0 + u < nchunks) d[u] = base[(n0 + u) * kSlot];
+#pragma unroll
+    for (int u = 0; u < kScanAhead; ++u) {
+      if (n0 + u >= nchunks) break;
+      uint4 out;
+      uint32_t* o = reinterpret_cast<uint32_t*>(&out);
+      const __nv_bfloat162* dd = reinterpret_cast<const __nv_bfloat162*>(&d[u]);
+      const float f = dec[n0 + u];
+#pragma unroll
+      for (int i = 0; i < kScanVec / 2; ++i) {
+        o[i] = mma::pack_bf16(st[2 * i], st[2 * i + 1]);
+        const float2 x = __bfloat1622float2(dd[i]);
+        st[2 * i] = fmaf(f, st[2 * i], x.x);
+        st[2 * i + 1] = fmaf(f, st[2 * i + 1], x.y);
+      }
+      base[(n0 + u) * kSlot] = out;
+    }
+  }
+
+  if (!real) return;
+#pragma unroll
+  for (int i = 0; i < kScanVec; ++i) {
+    const int col = col0 + i;
+    if (col < DV && p.present_state != nullptr) p.present_state[crw * DV + col] = st[i];
+    if (col == DV && p.present_sum_of_keys != nullptr) p.present_sum_of_keys[crw] = st[i];
+  }
+}
+// ---------------------------------------------------------------------------------------------
+// Kernel 3: query
+// State stages of 64 rows, 3 deep (6 deep changed nothing on H100; 128-row stages, half the
+// barriers, ran 4 % faster but have not passed the tests yet: benches/RESULTS.md, eighth session).
+constexpr int kQThreads = 256, kNst = 3, kStRows = 64, kKsPerStage = kStRows / 16;
+static_assert(kRows % kStRows == 0 && kStRows % 16 == 0, "whole k-steps per stage, whole stages");
 constexpr int kMaxPerQ = kMaxT / kQThreads;
 struct QCfg {
   static constexpr int oQ = 0;                             // bf16 [kQRows][KP]
@@ -385,19 +437,6 @@ __global__ void __launch_bounds__(kQThreads, 1) retention_prefill_query_kernel(c
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[qt][nt][e] = 0.f;
 
-  // B fragments of 16 rows x 72 extended columns from a row-major [row][NX] tile
-  auto load_b = [&](uint32_t (&B)[9][2], const bf16* rows) {
-#pragma unroll
-    for (int pp = 0; pp < 4; ++pp) {
-      uint32_t x[4];
-      mma::ldsm_x4_t(x, rows + (lane & 15) * NX + 16 * pp + (lane >> 4) * 8);
-      B[2 * pp][0] = x[0];
-      B[2 * pp][1] = x[1];
-      B[2 * pp + 1][0] = x[2];
-      B[2 * pp + 1][1] = x[3];
-    }
-    mma::ldsm_x2_t(B[8], rows + (lane & 15) * NX + DV);
-  };
 
   // State part: k-step ks = (a, b tile m) in padded-row order.
 #pragma unroll
@@ -412,9 +451,9 @@ __global__ void __launch_bounds__(kQThreads, 1) retention_prefill_query_kernel(c
 #pragma unroll
       for (int m = qa; m < 4; ++m) {
         const int ks = tiles_before(a) + m - qa;
-        if (ks > 0 && (ks & 3) == 0) begin_stage(ks >> 2);
+        if (ks > 0 && ks % kKsPerStage == 0) begin_stage(ks / kKsPerStage);
         uint32_t B[9][2];
-        load_b(B, St + ((ks >> 2) % kNst) * kStRows * NX + (ks & 3) * 16 * NX);
+        load_b_ext(B, St + ((ks / kKsPerStage) % kNst) * kStRows * NX + (ks % kKsPerStage) * 16 * NX);
 #pragma unroll
         for (int qt = 0; qt < 2; ++qt) {
           const uint32_t Ap[4] = {mma::mul_bf16x2(Qf[qt][m][0], sc[qt][0]), mma::mul_bf16x2(Qf[qt][m][1], sc[qt][1]),
@@ -496,7 +535,7 @@ __global__ void __launch_bounds__(kQThreads, 1) retention_prefill_query_kernel(c
 #pragma unroll
       for (int kk = 0; kk < 2; ++kk) {
         uint32_t B[9][2];
-        load_b(B, Vc + (32 * hh + 16 * kk) * NX);
+        load_b_ext(B, Vc + (32 * hh + 16 * kk) * NX);
 #pragma unroll
         for (int qt = 0; qt < 2; ++qt) {
           const uint32_t Aw[4] = {mma::pack_bf16(s[qt][2 * kk][0], s[qt][2 * kk][1]),
@@ -534,7 +573,7 @@ int chunk_tokens(const PrPrefillParams& p) {
 // The per-chunk states of a long sequence would take B Hkv ceil(S/T) 360 KiB (5.6 GiB at B 8,
 // Hkv 16, 128k): the sequence runs in segments of as many chunks as the workspace holds, the state
 // carried from one segment to the next in f32 (present_state, or the workspace's carry region when
-// that output is not asked for). The carried state is the one the states kernel keeps between
+// that output is not asked for). The carried state is the f32 one the scan keeps between
 // chunks, so the outputs do not depend on the segmenting. pr_prefill_workspace_bytes asks for at
 // most kWorkspaceCap (or one chunk per segment where even that is more).
 constexpr uint64_t kWorkspaceCap = 256ull << 20;
@@ -544,7 +583,7 @@ uint64_t align256(uint64_t x) { return (x + 255) & ~uint64_t{255}; }
 
 struct Plan {
   int T = 0, nchunks = 0, per_segment = 0;  // per_segment 0: the workspace is too small
-  uint64_t carry_state_off = 0, carry_sum_off = 0, bytes = 0;
+  uint64_t decays_off = 0, carry_state_off = 0, carry_sum_off = 0, bytes = 0;
 };
 
 // The layout for segments of k chunks (1 <= k <= the number of chunks).
@@ -555,7 +594,8 @@ Plan layout(const PrPrefillParams& p, int k) {
   pl.per_segment = k;
   const int nchunks = pl.nchunks;
   const uint64_t heads = static_cast<uint64_t>(p.batch) * p.kv_heads;
-  pl.bytes = pl.carry_state_off = align256(heads * k * kChunkBytes);
+  pl.decays_off = align256(heads * k * kChunkBytes);
+  pl.bytes = pl.carry_state_off = pl.decays_off + align256(heads * k * sizeof(float));
   if (k < nchunks) {
     if (p.present_state == nullptr) pl.bytes += align256(heads * D * DV * sizeof(float));
     pl.carry_sum_off = pl.bytes;
@@ -569,7 +609,7 @@ Plan plan(const PrPrefillParams& p, uint64_t budget) {
   const Plan one = layout(p, 1), whole = layout(p, one.nchunks);
   if (whole.bytes <= budget) return whole;
   const uint64_t heads = static_cast<uint64_t>(p.batch) * p.kv_heads;
-  int k = static_cast<int>(std::min<uint64_t>(budget / (heads * kChunkBytes), one.nchunks - 1));
+  int k = static_cast<int>(std::min<uint64_t>(budget / (heads * (kChunkBytes + sizeof(float))), one.nchunks - 1));
   while (k > 0 && layout(p, k).bytes > budget) --k;
   return k > 0 ? layout(p, k) : Plan{};
 }
@@ -610,9 +650,10 @@ cudaError_t prefill_chunked(const PrPrefillParams& p, cudaStream_t stream) {
   float* carry_state = p.present_state != nullptr ? p.present_state : reinterpret_cast<float*>(ws + pl.carry_state_off);
   float* carry_sum =
       p.present_sum_of_keys != nullptr ? p.present_sum_of_keys : reinterpret_cast<float*>(ws + pl.carry_sum_off);
-  const size_t sb = SCfg::bytes(pl.T), qb = QCfg::bytes(pl.T);
-  cudaError_t e = cudaFuncSetAttribute(retention_prefill_states_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       static_cast<int>(sb));
+  float* decays = reinterpret_cast<float*>(ws + pl.decays_off);
+  const size_t db = DCfg::bytes(pl.T), qb = QCfg::bytes(pl.T);
+  cudaError_t e = cudaFuncSetAttribute(retention_prefill_deltas_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(db));
   if (e != cudaSuccess) return e;
   e = cudaFuncSetAttribute(retention_prefill_query_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                            static_cast<int>(qb));
@@ -630,8 +671,11 @@ cudaError_t prefill_chunked(const PrPrefillParams& p, cudaStream_t stream) {
       q.present_state = carry_state;
       q.present_sum_of_keys = carry_sum;
     }
-    const dim3 sgrid(12, static_cast<unsigned>(p.kv_heads), static_cast<unsigned>(p.batch));
-    retention_prefill_states_kernel<<<sgrid, kSThreads, sb, stream>>>(q, sh, tok0, pl.T, nch, P);
+    const unsigned hkv = static_cast<unsigned>(p.kv_heads), nb = static_cast<unsigned>(p.batch);
+    retention_prefill_deltas_kernel<<<dim3(kDBlocks * nch, hkv, nb), kDThreads, db, stream>>>(q, sh, tok0, pl.T, nch, P,
+                                                                                             decays);
+    const unsigned scan_blocks = (kScanPerHead + kScanThreads - 1) / kScanThreads;
+    retention_prefill_scan_kernel<<<dim3(scan_blocks, hkv, nb), kScanThreads, 0, stream>>>(q, nch, P, decays);
     const int64_t rows = std::min<int64_t>(p.seq_len - tok0, static_cast<int64_t>(nch) * pl.T);
     const dim3 qgrid(static_cast<unsigned>((rows + kQRows - 1) / kQRows), static_cast<unsigned>(p.q_heads),
                      static_cast<unsigned>(p.batch));

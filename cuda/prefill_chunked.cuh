@@ -1,4 +1,4 @@
-// The two-kernel tensor-core prefill (prefill_chunked.cu): bf16, Dk = Dv = 64, with a workspace.
+// The chunked tensor-core prefill (prefill_chunked.cu): bf16, Dk = Dv = 64, with a workspace.
 #pragma once
 
 #include <cuda_runtime.h>

@@ -45,7 +45,7 @@ enum { PR_DTYPE_F32 = 0, PR_DTYPE_F16 = 1, PR_DTYPE_BF16 = 2 };
  * (each block reads its slice of the past state before writing the same slice).
  * S = 0 is allowed (present = past, or zeros). Any S works; the last chunk may be short.
  * workspace: device scratch (16-byte aligned) of pr_prefill_workspace_bytes(params) bytes, or NULL.
- * With it, bf16 with Dk = Dv = 64 runs the two-kernel chunked prefill (per-chunk states in the
+ * With it, bf16 with Dk = Dv = 64 runs the chunked prefill (per-chunk states in the
  * workspace, bf16); without it, the one-kernel tensor-core path. Both give the same outputs within
  * the bf16 tolerance. A smaller workspace (at least one chunk of states per head) runs the sequence
  * in shorter segments with the same outputs; one below that falls back to the one-kernel path. */

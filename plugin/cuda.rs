@@ -55,7 +55,7 @@ fn supported(op: &'static OpSchema, d: &Dims, deg: usize) -> Result<()> {
     Ok(())
 }
 
-/// Whether the two-kernel chunked prefill may run: `POWER_RETENTION_CHUNKED_PREFILL=0` turns it
+/// Whether the chunked prefill may run: `POWER_RETENTION_CHUNKED_PREFILL=0` turns it
 /// off, `=1` on; unset takes [`CHUNKED_PREFILL_DEFAULT`].
 fn chunked_prefill_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -118,7 +118,7 @@ pub fn compute(k: &Kernel, dims: Dims, ctx: &mut ComputeContext<'_>) -> Result<(
                 &shape(&dims, op, prefill::PRESENT_SUM_OF_KEYS),
             )?,
         };
-        // The two-kernel prefill keeps per-chunk states in scratch from the EP's allocator. If
+        // The chunked prefill keeps per-chunk states in scratch from the EP's allocator. If
         // that allocation fails the one-kernel path runs instead (same outputs, slower).
         let need = if chunked_prefill_enabled() {
             cuda::prefill_workspace_bytes(op.name, &launch)?

@@ -233,7 +233,7 @@ pub fn prefill_workspace_bytes(op: &'static str, l: &PrefillLaunch<'_>) -> Resul
 }
 
 /// Enqueues the prefill; `workspace` (device scratch of `prefill_workspace_bytes` bytes, alive
-/// until the kernels have run on `stream`) selects the two-kernel path where it applies.
+/// until the kernels have run on `stream`) selects the chunked path where it applies.
 pub fn prefill(
     op: &'static str,
     l: &PrefillLaunch<'_>,

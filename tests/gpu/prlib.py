@@ -86,7 +86,7 @@ def workspace(nbytes):
 
 def prefill(q, k, v, lg, out, scale, past=None, present=None, kernel="auto", chunk=0, workspace_bytes=None):
     """pr_prefill as ORT calls it (kernel "auto": given the workspace it asks for, so the chunked
-    two-kernel path runs where it applies), "tc" (no workspace: the one-kernel tensor-core path where
+    chunked path runs where it applies), "tc" (no workspace: the one-kernel tensor-core path where
     it applies) or "simt" (pr_prefill_simt). chunk is the chunk_size hint. workspace_bytes, a
     function of the bytes asked for, gives "auto" a workspace of another size (shorter segments).
     Returns pr_prefill's rc; last_segment_chunks is then the chunks per segment of the chunked
