@@ -11,10 +11,10 @@
 //      Delta_n[(a, b), c] = w_ab sum_j (k_ja gamma_j) k_jb x_j[c],  gamma_j = e^{G_T - G_j},
 //    with x_j = (v_j, 1, 0...): column Dv carries the sum of keys, w_ab the compact weights (2
 //    above the diagonal, 1 on it, 0 below). Written to the chunk's workspace slot in bf16.
-// 1b. scan: P_0 = the past state, P_{n+1} = e^{G_T(n)} P_n + Delta_n, elementwise in f32, one thread
+// 2. scan: P_0 = the past state, P_{n+1} = e^{G_T(n)} P_n + Delta_n, elementwise in f32, one thread
 //    per 8 state elements; each slot's delta is replaced by the state before its chunk (bf16), the
 //    last state goes to present_* in f32.
-// 2. query: grid (S/256, Hq, B), 8 warps of 32 query rows. For its chunk it reads the state before
+// 3. query: grid (S/256, Hq, B), 8 warps of 32 query rows. For its chunk it reads the state before
 //    the chunk from the workspace (streamed through shared memory, 3 stages of 64 rows) and computes
 //      acc_i = scale^2 e^{G_i} sum_(a, b >= a) q_ia q_ib P[(a, b), :]
 //    as mma's of the queries scaled per row by q_ia (bf16, held in registers) with the state rows
@@ -153,10 +153,10 @@ constexpr int kMaxPerD = kMaxT / kDThreads;
 struct DCfg {
   static constexpr int oK = 0;                        // bf16 [2][kTok][KP]
   static constexpr int oV = oK + 2 * kTok * KP * 2;   // bf16 [2][kTok][NX]
-  static constexpr int oKG = oV + 2 * kTok * NX * 2;  // bf16 [8 warps][4][KGP]
+  static constexpr int oKG = oV + 2 * kTok * NX * 2;  // bf16 [8 warps][kDA][KGP]
   static constexpr int oW = oKG + 8 * kDA * KGP * 2;  // f64 [8] warp totals
   static constexpr int oGam = oW + 8 * 8;             // f32 [T] gamma_j of the chunk
-  // After the last tile, everything above is reused as the warps' output tiles, bf16 [8][4][16][NX]:
+  // After the last tile, everything above is reused as the warps' output tiles, bf16 [8][kDA][16][NX]:
   // the delta leaves in 16-byte stores of whole rows rather than 72 scattered 4-byte ones a thread.
   static constexpr int kOut = kDA * 16 * NX * 2;
   static size_t bytes(int T) { return std::max<size_t>(oGam + static_cast<size_t>(T) * 4, 8 * kOut); }
@@ -229,7 +229,7 @@ __global__ void __launch_bounds__(kDThreads, kDMinBlocks) retention_prefill_delt
     }
     const bf16* Kc = Ks + buf * kTok * KP;
     const bf16* Vc = Vs + buf * kTok * NX;
-    // this warp's k_ja gamma_j, token pairs: lanes of one row read 8 consecutive token pairs
+    // this warp's k_ja gamma_j, as bf16 pairs of consecutive tokens
 #pragma unroll
     for (int e = lane; e < kDA * kTok / 2; e += 32) {
       const int ai = e % kDA, j = 2 * (e / kDA), jg = kt * kTok + j;
@@ -345,6 +345,7 @@ __global__ void __launch_bounds__(kScanThreads) retention_prefill_scan_kernel(co
     if (col == DV && p.present_sum_of_keys != nullptr) p.present_sum_of_keys[crw] = st[i];
   }
 }
+
 // ---------------------------------------------------------------------------------------------
 // Kernel 3: query
 // State stages of 64 rows, 3 deep (6 deep changed nothing on H100; 128-row stages, half the
@@ -436,7 +437,6 @@ __global__ void __launch_bounds__(kQThreads, 1) retention_prefill_query_kernel(c
     for (int nt = 0; nt < 9; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[qt][nt][e] = 0.f;
-
 
   // State part: k-step ks = (a, b tile m) in padded-row order.
 #pragma unroll
