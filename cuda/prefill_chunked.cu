@@ -22,9 +22,15 @@
 //    e^{G_i - G_j} (f32, rounded to bf16 for the W x mma) is added into the same accumulators.
 //    Column Dv of acc is the denominator, so y_i = acc_i[:Dv] / acc_i[Dv].
 //
-// Workspace: P (B, Hkv, chunks of a segment, 2560, 72) bf16, the padded state layout below, and the
-// chunk decays e^{G_T} (B, Hkv, chunks) f32; long
-// sequences run in segments so that P stays under kWorkspaceCap (256 MiB), see prefill_chunked.
+// Tensor cores: on sm_90a the deltas kernel and the query kernel issue wgmma (m64 n72 k16 and, for
+// the query kernel's q.k, m64 n64 k16; A from registers, B from shared memory); on sm_80-89 (and
+// with -DPR_NO_WGMMA) the same steps run as mma.sync m16n8k16.
+//
+// Workspace: P (B, Hkv, chunks of a segment, 160 tiles of 16 x 72) bf16, the padded state layout
+// below with every 16-row tile in the core-matrix order of mma::core_offset (what wgmma reads from
+// shared memory, so a stage is one contiguous copy), and the chunk decays e^{G_T} (B, Hkv, chunks)
+// f32; long sequences run in segments so that P stays under kWorkspaceCap (256 MiB), see
+// prefill_chunked.
 // Padded rows: a-major; a has the 16-row b tiles m = floor(a/16) .. 3 (rows b < a are zero), so
 // a state row tile is always 16 consecutive b values: 160 tiles = 2560 rows instead of D = 2080.
 //
@@ -119,19 +125,67 @@ __device__ __forceinline__ double gate_scan(const PrPrefillParams& p, const Pref
 }
 
 // ---------------------------------------------------------------------------------------------
-// B fragments of 16 rows x 72 extended columns from a row-major [row][NX] bf16 tile.
-__device__ __forceinline__ void load_b_ext(uint32_t (&B)[9][2], const bf16* rows) {
+// State and value tiles of 16 rows x 72 extended columns are kept (in the workspace and in shared
+// memory) in the core-matrix layout of mma::core_offset, which wgmma reads directly; ldmatrix
+// reads it just as well (a matrix's 8 rows are one 128-byte core).
+constexpr int kTileE = mma::kCoreTileElems;
+static_assert(kTileE == 16 * NX, "a core tile is 16 rows of the extended columns");
+
+#ifndef PR_WGMMA
+// B fragments (mma.m16n8k16) of a 16 x 72 core tile.
+__device__ __forceinline__ void load_b_core(uint32_t (&B)[9][2], const bf16* tile) {
   const int lane = threadIdx.x & 31;
 #pragma unroll
   for (int pp = 0; pp < 4; ++pp) {
     uint32_t x[4];
-    mma::ldsm_x4_t(x, rows + (lane & 15) * NX + 16 * pp + (lane >> 4) * 8);
+    mma::ldsm_x4_t(x, tile + mma::core_offset(lane & 15, 16 * pp + (lane >> 4) * 8));
     B[2 * pp][0] = x[0];
     B[2 * pp][1] = x[1];
     B[2 * pp + 1][0] = x[2];
     B[2 * pp + 1][1] = x[3];
   }
-  mma::ldsm_x2_t(B[8], rows + (lane & 15) * NX + DV);
+  mma::ldsm_x2_t(B[8], tile + mma::core_offset(lane & 15, DV));
+}
+#endif
+
+// cp.async of the rows [t0, t0 + kTok) of head h of a (B, S, H, 64) bf16 tensor, 16 bytes (8
+// columns) at a time, element (row j, column c) to dst + place(j, c); rows at or past S are
+// zero-filled.
+template <int NT, class Place>
+__device__ __forceinline__ void copy_rows_placed(bf16* dst, const bf16* src, int64_t bb, int64_t S, int H, int h,
+                                                 int64_t t0, Place place) {
+  static_assert(DK == DV, "keys and values share the row width");
+  for (int e = threadIdx.x; e < kTok * (DV / 8); e += NT) {
+    const int j = e / (DV / 8), s8 = e % (DV / 8);
+    const bool ok = t0 + j < S;
+    const bf16* from = ok ? src + ((bb * S + t0 + j) * H + h) * DV + 8 * s8 : src;
+    mma::cp_async16(dst + place(j, 8 * s8), from, ok ? 16 : 0);
+  }
+}
+
+// Value rows into kTok / 16 consecutive core tiles (columns 0 .. DV - 1).
+template <int NT>
+__device__ __forceinline__ void copy_values_core(bf16* dst, const bf16* src, int64_t bb, int64_t S, int H, int h,
+                                                 int64_t t0) {
+  copy_rows_placed<NT>(dst, src, bb, S, H, h, t0,
+                       [](int j, int c) { return (j >> 4) * kTileE + mma::core_offset(j & 15, c); });
+}
+
+// Key rows into the K-major core layout of mma::core_k_offset (keys as n, key dimensions as k).
+template <int NT>
+__device__ __forceinline__ void copy_keys_core(bf16* dst, const bf16* src, int64_t bb, int64_t S, int H, int h,
+                                               int64_t t0) {
+  copy_rows_placed<NT>(dst, src, bb, S, H, h, t0, [](int j, int c) { return mma::core_k_offset(j, c); });
+}
+
+// Value-tile columns DV.. of nbuf buffers of kTok rows: 1 (the sum of keys / the denominator), then
+// zeros; the copies never overwrite them.
+template <int NT>
+__device__ __forceinline__ void init_value_ext(bf16* Vs, int nbuf) {
+  for (int e = threadIdx.x; e < nbuf * kTok * 8; e += NT) {
+    const int j = e >> 3, c = e & 7;
+    Vs[(j >> 4) * kTileE + mma::core_offset(j & 15, DV + c)] = __float2bfloat16(c == 0 ? 1.f : 0.f);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -150,10 +204,13 @@ constexpr int kDMinBlocks = kDA <= 2 ? 2 : 1;
 constexpr int KGP = kTok + 8;  // pitch of a warp's k_ja gamma_j rows
 constexpr int kMaxT = 2048;
 constexpr int kMaxPerD = kMaxT / kDThreads;
+// Three tile buffers, one tile ahead: the buffer a copy overwrites was last read two tiles earlier,
+// so neither the ldmatrix reads nor the asynchronous wgmma reads of it can still be pending.
+constexpr int kDBuf = 3;
 struct DCfg {
-  static constexpr int oK = 0;                        // bf16 [2][kTok][KP]
-  static constexpr int oV = oK + 2 * kTok * KP * 2;   // bf16 [2][kTok][NX]
-  static constexpr int oKG = oV + 2 * kTok * NX * 2;  // bf16 [8 warps][kDA][KGP]
+  static constexpr int oK = 0;                             // bf16 [kDBuf][kTok][KP]
+  static constexpr int oV = oK + kDBuf * kTok * KP * 2;    // bf16 [kDBuf][kTok / 16 core tiles]
+  static constexpr int oKG = oV + kDBuf * kTok * NX * 2;   // bf16 [8 warps][kDA][KGP]
   static constexpr int oW = oKG + 8 * kDA * KGP * 2;  // f64 [8] warp totals
   static constexpr int oGam = oW + 8 * 8;             // f32 [T] gamma_j of the chunk
   // After the last tile, everything above is reused as the warps' output tiles, bf16 [8][kDA][16][NX]:
@@ -189,14 +246,13 @@ __global__ void __launch_bounds__(kDThreads, kDMinBlocks) retention_prefill_delt
   const bf16* vptr = static_cast<const bf16*>(p.value);
   const int krow = (lane & 7) + (lane >> 4) * 8, kcol = ((lane >> 3) & 1) * 8;
 
-  // value-tile columns DV.. : 1 (the sum of keys), then zeros; never overwritten
-  for (int e = tid; e < 2 * kTok * 8; e += kDThreads) Vs[(e >> 3) * NX + DV + (e & 7)] = __float2bfloat16((e & 7) == 0 ? 1.f : 0.f);
+  init_value_ext<kDThreads>(Vs, kDBuf);
 
   const int ntiles = static_cast<int>((min(S - c0, static_cast<int64_t>(T)) + kTok - 1) / kTok);  // c0 < S
   auto issue_tile = [&](int kt, int buf) {
     const int64_t j0 = c0 + static_cast<int64_t>(kt) * kTok;
     copy_rows<kDThreads, kTok, DK / 8>(Ks + buf * kTok * KP, KP, kptr, bb, S, sh.Hkv, hk, DK, 0, j0);
-    copy_rows<kDThreads, kTok, DV / 8>(Vs + buf * kTok * NX, NX, vptr, bb, S, sh.Hkv, hk, DV, 0, j0);
+    copy_values_core<kDThreads>(Vs + buf * kTok * NX, vptr, bb, S, sh.Hkv, hk, j0);
   };
   issue_tile(0, 0);
   mma::cp_async_commit();
@@ -218,13 +274,20 @@ __global__ void __launch_bounds__(kDThreads, kDMinBlocks) retention_prefill_delt
     for (int nt = 0; nt < 9; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][nt][e] = 0.f;
+#ifdef PR_WGMMA
+#pragma unroll
+  for (int i = 0; i < kDA; ++i) mma::fence_acc(acc[i]);
+#endif
 
   for (int kt = 0; kt < ntiles; ++kt) {
-    const int buf = kt & 1;
+    const int buf = kt % kDBuf;
     mma::cp_async_wait_all();
-    __syncthreads();  // tile kt and gam landed; the other buffer's last reads are done
+#ifdef PR_WGMMA
+    mma::fence_proxy_async();  // this thread's copies (and value columns) before the wgmma reads
+#endif
+    __syncthreads();  // tile kt and gam landed
     if (kt + 1 < ntiles) {
-      issue_tile(kt + 1, buf ^ 1);
+      issue_tile(kt + 1, (kt + 1) % kDBuf);
       mma::cp_async_commit();
     }
     const bf16* Kc = Ks + buf * kTok * KP;
@@ -241,20 +304,39 @@ __global__ void __launch_bounds__(kDThreads, kDMinBlocks) retention_prefill_delt
     for (int s = 0; s < kTok / 16; ++s) {
       uint32_t A[4];  // K^T[b tile m][tokens 16s..]
       mma::ldsm_x4_t(A, Kc + (16 * s + krow) * KP + 16 * m + kcol);
-      uint32_t B[9][2];
-      load_b_ext(B, Vc + 16 * s * NX);
+      uint32_t As[kDA][4];
 #pragma unroll
       for (int ai = 0; ai < kDA; ++ai) {
         const bf16* kg = KG + ai * KGP + 16 * s + 2 * t;
         const uint32_t s0 = *reinterpret_cast<const uint32_t*>(kg), s1 = *reinterpret_cast<const uint32_t*>(kg + 8);
-        const uint32_t As[4] = {mma::mul_bf16x2(A[0], s0), mma::mul_bf16x2(A[1], s0), mma::mul_bf16x2(A[2], s1),
-                                mma::mul_bf16x2(A[3], s1)};
-#pragma unroll
-        for (int nt = 0; nt < 9; ++nt) mma::mma_bf16(acc[ai][nt], As, B[nt][0], B[nt][1]);
+        As[ai][0] = mma::mul_bf16x2(A[0], s0);
+        As[ai][1] = mma::mul_bf16x2(A[1], s0);
+        As[ai][2] = mma::mul_bf16x2(A[2], s1);
+        As[ai][3] = mma::mul_bf16x2(A[3], s1);
       }
+#ifdef PR_WGMMA
+      // The warpgroup's 4 warps (4 tasks) share the value tile: one m64 x n72 wgmma per value a.
+      // One group stays in flight while the next A fragments are formed.
+      const uint64_t db = mma::desc_core_tile(Vc + s * kTileE);
+      mma::wg_fence();
+#pragma unroll
+      for (int ai = 0; ai < kDA; ++ai) mma::wgmma_n72(acc[ai], As[ai], db);
+      mma::wg_commit();
+      mma::wg_wait<1>();
+#else
+      uint32_t B[9][2];
+      load_b_core(B, Vc + s * kTileE);
+#pragma unroll
+      for (int ai = 0; ai < kDA; ++ai)
+#pragma unroll
+        for (int nt = 0; nt < 9; ++nt) mma::mma_bf16(acc[ai][nt], As[ai], B[nt][0], B[nt][1]);
+#endif
     }
     __syncwarp();  // KG is rewritten for the next tile
   }
+#ifdef PR_WGMMA
+  mma::wg_wait_all(acc);
+#endif
 
   __syncthreads();  // every warp is done with the tiles, KG and gam: the output tiles reuse them
   bf16* O = reinterpret_cast<bf16*>(smem) + warp * (DCfg::kOut / 2);
@@ -272,12 +354,14 @@ __global__ void __launch_bounds__(kDThreads, kDMinBlocks) retention_prefill_delt
     }
   __syncwarp();
   bf16* Pn = P + ((bh * nchunks + n) * kRows) * NX;
-  constexpr int kVecs = 16 * NX / 8;  // the 16 rows of one a are consecutive padded rows
+  constexpr int kVecs = kTileE / 8;  // the 16 rows of one a are one core tile of the padded rows
 #pragma unroll
   for (int ai = 0; ai < kDA; ++ai) {
-    const uint4* src = reinterpret_cast<const uint4*>(O + 16 * ai * NX);
     uint4* dst = reinterpret_cast<uint4*>(Pn + static_cast<int64_t>(padded_row(a0 + ai, 16 * m)) * NX);
-    for (int e = lane; e < kVecs; e += 32) dst[e] = src[e];
+    for (int e = lane; e < kVecs; e += 32) {  // e: 8 consecutive columns of one row of one core
+      const int core = e >> 3, r16 = 8 * (core / 9) + (e & 7), c = 8 * (core % 9);
+      dst[e] = *reinterpret_cast<const uint4*>(O + (16 * ai + r16) * NX + c);
+    }
   }
 }
 
@@ -294,7 +378,9 @@ __global__ void __launch_bounds__(kScanThreads) retention_prefill_scan_kernel(co
   const int v = blockIdx.x * kScanThreads + threadIdx.x;
   if (v >= kScanPerHead) return;
   const int64_t bh = static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y;
-  const int r = v * kScanVec / NX, col0 = v * kScanVec % NX;
+  // v: 8 consecutive columns of one row of one core of a 16-row tile (mma::core_offset)
+  const int tile = v / (kTileE / kScanVec), e = v % (kTileE / kScanVec), core = e >> 3;
+  const int r = 16 * tile + 8 * (core / 9) + (e & 7), col0 = 8 * (core % 9);
   int a = 0;
   while (a + 1 < DK && 16 * tiles_before(a + 1) <= r) ++a;
   const int b = r - 16 * tiles_before(a) + 16 * (a >> 4);
@@ -348,16 +434,19 @@ __global__ void __launch_bounds__(kScanThreads) retention_prefill_scan_kernel(co
 
 // ---------------------------------------------------------------------------------------------
 // Kernel 3: query
-// State stages of 64 rows, 3 deep (6 deep changed nothing on H100; 128-row stages, half the
-// barriers, ran 4 % faster but have not passed the tests yet: benches/RESULTS.md, eighth session).
-constexpr int kQThreads = 256, kNst = 3, kStRows = 64, kKsPerStage = kStRows / 16;
+// State stages of 64 rows (128 ran 1 % faster on H100 but has passed the tests only with the
+// mma.sync attention part: benches/RESULTS.md, ninth session) in 4 buffers, 2 stages ahead: the buffer a copy overwrites was last read
+// two stages earlier, so neither ldmatrix nor wgmma reads of it are pending at that stage's barrier
+// (with wgmma one group stays in flight across it).
+constexpr int kQThreads = 256, kNst = 4, kAhead = 2, kStRows = 64, kKsPerStage = kStRows / 16;
 static_assert(kRows % kStRows == 0 && kStRows % 16 == 0, "whole k-steps per stage, whole stages");
+static_assert(kKsPerStage >= 2 && kNst - kAhead >= 2, "the overwritten buffer's wgmma groups are done");
 constexpr int kMaxPerQ = kMaxT / kQThreads;
 struct QCfg {
   static constexpr int oQ = 0;                             // bf16 [kQRows][KP]
-  static constexpr int oSt = oQ + kQRows * KP * 2;         // bf16 [kNst][kStRows][NX] state stages
+  static constexpr int oSt = oQ + kQRows * KP * 2;         // bf16 [kNst][kStRows / 16 core tiles]
   static constexpr int oK = oSt + kNst * kStRows * NX * 2;  // bf16 [2][kTok][KP]
-  static constexpr int oV = oK + 2 * kTok * KP * 2;        // bf16 [2][kTok][NX]
+  static constexpr int oV = oK + 2 * kTok * KP * 2;        // bf16 [2][kTok / 16 core tiles]
   static constexpr int oW = oV + 2 * kTok * NX * 2;        // f64 [8] warp totals
   static constexpr int oGd = oW + 8 * 8;                   // f64 [<= T] cumulative gates from the chunk start
   static size_t bytes(int T) { return oGd + static_cast<size_t>(T) * 8; }
@@ -387,11 +476,12 @@ __global__ void __launch_bounds__(kQThreads, 1) retention_prefill_query_kernel(c
   bf16* out = static_cast<bf16*>(p.output);
   const bf16* Pn = P + ((bh * nchunks + n) * kRows) * NX;
   const int arow = (lane & 7) + ((lane >> 3) & 1) * 8, acol = (lane >> 4) * 8;
+#ifndef PR_WGMMA
   const int krow = (lane & 7) + (lane >> 4) * 8, kcol = ((lane >> 3) & 1) * 8;
+#endif
   const int wr = 32 * warp;  // this warp's first row in the block
 
-  // value-tile columns DV.. : 1 (the denominator), then zeros; never overwritten
-  for (int e = tid; e < 2 * kTok * 8; e += kQThreads) Vs[(e >> 3) * NX + DV + (e & 7)] = __float2bfloat16((e & 7) == 0 ? 1.f : 0.f);
+  init_value_ext<kQThreads>(Vs, 2);
 
   copy_rows<kQThreads, kQRows, DK / 8>(Qs, KP, qptr, bb, S, sh.Hq, hq, DK, 0, r0);
   constexpr int nstages = kRows / kStRows;
@@ -402,7 +492,7 @@ __global__ void __launch_bounds__(kQThreads, 1) retention_prefill_query_kernel(c
     for (int e = tid; e < kStRows * NX / 8; e += kQThreads) mma::cp_async16(dst + 8 * e, src + 8 * e, 16);
   };
 #pragma unroll
-  for (int st = 0; st < kNst - 1; ++st) {
+  for (int st = 0; st < kAhead; ++st) {
     issue_stage(st);
     mma::cp_async_commit();
   }
@@ -417,9 +507,12 @@ __global__ void __launch_bounds__(kQThreads, 1) retention_prefill_query_kernel(c
   }
 
   auto begin_stage = [&](int st) {
-    mma::cp_async_wait_group<kNst - 2>();
+    mma::cp_async_wait_group<kAhead - 1>();
+#ifdef PR_WGMMA
+    mma::fence_proxy_async();  // this thread's copies before the wgmma reads of the stage
+#endif
     __syncthreads();
-    issue_stage(st + kNst - 1);
+    issue_stage(st + kAhead);
     mma::cp_async_commit();
   };
   begin_stage(0);  // also the queries and the gates
@@ -437,10 +530,18 @@ __global__ void __launch_bounds__(kQThreads, 1) retention_prefill_query_kernel(c
     for (int nt = 0; nt < 9; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[qt][nt][e] = 0.f;
+#ifdef PR_WGMMA
+  mma::fence_acc(acc[0]);
+  mma::fence_acc(acc[1]);
+#endif
 
-  // State part: k-step ks = (a, b tile m) in padded-row order.
+  // State part: k-step ks = (a, b tile m) in padded-row order. With wgmma, the block's two
+  // warpgroups each issue two m64 x n72 wgmma's a k-step (query tiles qt of their 4 warps) with the
+  // stage's state tile as B; one group stays in flight while the next A fragments are formed. The
+  // a loop is unrolled twice so that the A registers of the group in flight are never rewritten.
 #pragma unroll
   for (int qa = 0; qa < 4; ++qa) {
+#pragma unroll 2
     for (int ar = 0; ar < 16; ++ar) {
       const int a = 16 * qa + ar;
       uint32_t sc[2][2];  // q_ia for rows g, g + 8 of each query tile
@@ -452,18 +553,36 @@ __global__ void __launch_bounds__(kQThreads, 1) retention_prefill_query_kernel(c
       for (int m = qa; m < 4; ++m) {
         const int ks = tiles_before(a) + m - qa;
         if (ks > 0 && ks % kKsPerStage == 0) begin_stage(ks / kKsPerStage);
-        uint32_t B[9][2];
-        load_b_ext(B, St + ((ks / kKsPerStage) % kNst) * kStRows * NX + (ks % kKsPerStage) * 16 * NX);
+        const bf16* tile = St + ((ks / kKsPerStage) % kNst) * kStRows * NX + (ks % kKsPerStage) * kTileE;
+        uint32_t Ap[2][4];
 #pragma unroll
         for (int qt = 0; qt < 2; ++qt) {
-          const uint32_t Ap[4] = {mma::mul_bf16x2(Qf[qt][m][0], sc[qt][0]), mma::mul_bf16x2(Qf[qt][m][1], sc[qt][1]),
-                                  mma::mul_bf16x2(Qf[qt][m][2], sc[qt][0]), mma::mul_bf16x2(Qf[qt][m][3], sc[qt][1])};
-#pragma unroll
-          for (int nt = 0; nt < 9; ++nt) mma::mma_bf16(acc[qt][nt], Ap, B[nt][0], B[nt][1]);
+          Ap[qt][0] = mma::mul_bf16x2(Qf[qt][m][0], sc[qt][0]);
+          Ap[qt][1] = mma::mul_bf16x2(Qf[qt][m][1], sc[qt][1]);
+          Ap[qt][2] = mma::mul_bf16x2(Qf[qt][m][2], sc[qt][0]);
+          Ap[qt][3] = mma::mul_bf16x2(Qf[qt][m][3], sc[qt][1]);
         }
+#ifdef PR_WGMMA
+        const uint64_t db = mma::desc_core_tile(tile);
+        mma::wg_fence();
+        mma::wgmma_n72(acc[0], Ap[0], db);
+        mma::wgmma_n72(acc[1], Ap[1], db);
+        mma::wg_commit();
+        mma::wg_wait<1>();
+#else
+        uint32_t B[9][2];
+        load_b_core(B, tile);
+#pragma unroll
+        for (int qt = 0; qt < 2; ++qt)
+#pragma unroll
+          for (int nt = 0; nt < 9; ++nt) mma::mma_bf16(acc[qt][nt], Ap[qt], B[nt][0], B[nt][1]);
+#endif
       }
     }
   }
+#ifdef PR_WGMMA
+  mma::wg_wait_all(acc);
+#endif
   const float sc2 = p.scale * p.scale;
 #pragma unroll
   for (int qt = 0; qt < 2; ++qt)
@@ -481,8 +600,8 @@ __global__ void __launch_bounds__(kQThreads, 1) retention_prefill_query_kernel(c
   const int ntk = static_cast<int>(min(static_cast<int64_t>(L), S - c0 + kTok - 1) / kTok);
   auto issue_kv = [&](int kt, int buf) {
     const int64_t j0 = c0 + static_cast<int64_t>(kt) * kTok;
-    copy_rows<kQThreads, kTok, DK / 8>(Ks + buf * kTok * KP, KP, kptr, bb, S, sh.Hkv, hk, DK, 0, j0);
-    copy_rows<kQThreads, kTok, DV / 8>(Vs + buf * kTok * NX, NX, vptr, bb, S, sh.Hkv, hk, DV, 0, j0);
+    copy_keys_core<kQThreads>(Ks + buf * kTok * KP, kptr, bb, S, sh.Hkv, hk, j0);
+    copy_values_core<kQThreads>(Vs + buf * kTok * NX, vptr, bb, S, sh.Hkv, hk, j0);
   };
   mma::cp_async_wait_all();
   __syncthreads();
@@ -491,9 +610,18 @@ __global__ void __launch_bounds__(kQThreads, 1) retention_prefill_query_kernel(c
     mma::cp_async_commit();
   }
   const int64_t ib = r0 + wr;  // this warp's first row (global position)
+  // W[i][j] = attention weight of row i (warp row 16 qt + g + 8 (e >> 1)) to key j, 0 past the row
+  auto weigh = [&](float dot, int qt, int e, int64_t j) {
+    const int64_t i = ib + 16 * qt + g + 8 * (e >> 1);
+    return j <= i ? attn_weight(dot, p.scale, static_cast<float>(Gd[i - c0] - Gd[j - c0])) : 0.f;
+  };
   for (int kt = 0; kt < ntk; ++kt) {
     const int buf = kt & 1;
     mma::cp_async_wait_all();
+#ifdef PR_WGMMA
+    mma::wg_wait<0>();  // the previous tile's W x V read the buffer the next copy overwrites
+    mma::fence_proxy_async();
+#endif
     __syncthreads();
     if (kt + 1 < ntk) {
       issue_kv(kt + 1, buf ^ 1);
@@ -501,6 +629,53 @@ __global__ void __launch_bounds__(kQThreads, 1) retention_prefill_query_kernel(c
     }
     const bf16* Kc = Ks + buf * kTok * KP;
     const bf16* Vc = Vs + buf * kTok * NX;
+#ifdef PR_WGMMA
+    // Per warpgroup (its 4 warps' 128 rows): S = Q K^T over the tile's 64 keys (two m64 n64 k16
+    // wgmma's per k16 step, query tiles qt), the weights in registers, then acc += W V (m64 n72).
+    const int64_t j0 = c0 + static_cast<int64_t>(kt) * kTok;
+    if (j0 <= r0 + 128 * (warp >> 2) + 127) {  // uniform over the warpgroup
+      float sc[2][8][4];
+#pragma unroll
+      for (int qt = 0; qt < 2; ++qt) {
+#pragma unroll
+        for (int nn = 0; nn < 8; ++nn) sc[qt][nn][0] = sc[qt][nn][1] = sc[qt][nn][2] = sc[qt][nn][3] = 0.f;
+        mma::fence_acc8(sc[qt]);
+      }
+      mma::wg_fence();
+#pragma unroll
+      for (int kd = 0; kd < 4; ++kd) {
+        const uint64_t dk = mma::desc_k64_tile(Kc + 128 * kd);
+        mma::wgmma_n64_kmajor(sc[0], Qf[0][kd], dk);
+        mma::wgmma_n64_kmajor(sc[1], Qf[1][kd], dk);
+      }
+      mma::wg_commit();
+      mma::wg_wait<0>();
+      uint32_t Aw[2][4][4];
+#pragma unroll
+      for (int qt = 0; qt < 2; ++qt) {
+        mma::fence_acc8(sc[qt]);
+#pragma unroll
+        for (int nn = 0; nn < 8; ++nn)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) sc[qt][nn][e] = weigh(sc[qt][nn][e], qt, e, j0 + 8 * nn + 2 * t + (e & 1));
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          Aw[qt][kk][0] = mma::pack_bf16(sc[qt][2 * kk][0], sc[qt][2 * kk][1]);
+          Aw[qt][kk][1] = mma::pack_bf16(sc[qt][2 * kk][2], sc[qt][2 * kk][3]);
+          Aw[qt][kk][2] = mma::pack_bf16(sc[qt][2 * kk + 1][0], sc[qt][2 * kk + 1][1]);
+          Aw[qt][kk][3] = mma::pack_bf16(sc[qt][2 * kk + 1][2], sc[qt][2 * kk + 1][3]);
+        }
+      }
+      mma::wg_fence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        const uint64_t dv = mma::desc_core_tile(Vc + kk * kTileE);
+        mma::wgmma_n72(acc[0], Aw[0][kk], dv);
+        mma::wgmma_n72(acc[1], Aw[1][kk], dv);
+      }
+      mma::wg_commit();
+    }
+#else
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
       const int64_t j0 = c0 + static_cast<int64_t>(kt) * kTok + 32 * hh;
@@ -515,7 +690,7 @@ __global__ void __launch_bounds__(kQThreads, 1) retention_prefill_query_kernel(c
 #pragma unroll
         for (int pq = 0; pq < 2; ++pq) {
           uint32_t Bk[4];
-          mma::ldsm_x4(Bk, Kc + (32 * hh + 16 * pq + krow) * KP + 16 * kd + kcol);
+          mma::ldsm_x4(Bk, Kc + mma::core_k_offset(32 * hh + 16 * pq + krow, 16 * kd + kcol));
 #pragma unroll
           for (int qt = 0; qt < 2; ++qt) {
             mma::mma_bf16(s[qt][2 * pq], Qf[qt][kd], Bk[0], Bk[1]);
@@ -527,15 +702,11 @@ __global__ void __launch_bounds__(kQThreads, 1) retention_prefill_query_kernel(c
 #pragma unroll
         for (int nn = 0; nn < 4; ++nn)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int64_t i = ib + 16 * qt + g + 8 * (e >> 1), j = j0 + 8 * nn + 2 * t + (e & 1);
-            s[qt][nn][e] =
-                j <= i ? attn_weight(s[qt][nn][e], p.scale, static_cast<float>(Gd[i - c0] - Gd[j - c0])) : 0.f;
-          }
+          for (int e = 0; e < 4; ++e) s[qt][nn][e] = weigh(s[qt][nn][e], qt, e, j0 + 8 * nn + 2 * t + (e & 1));
 #pragma unroll
       for (int kk = 0; kk < 2; ++kk) {
         uint32_t B[9][2];
-        load_b_ext(B, Vc + (32 * hh + 16 * kk) * NX);
+        load_b_core(B, Vc + (2 * hh + kk) * kTileE);
 #pragma unroll
         for (int qt = 0; qt < 2; ++qt) {
           const uint32_t Aw[4] = {mma::pack_bf16(s[qt][2 * kk][0], s[qt][2 * kk][1]),
@@ -547,20 +718,27 @@ __global__ void __launch_bounds__(kQThreads, 1) retention_prefill_query_kernel(c
         }
       }
     }
+#endif
   }
+#ifdef PR_WGMMA
+  mma::wg_wait_all(acc);
+#endif
 
 #pragma unroll
   for (int qt = 0; qt < 2; ++qt)
 #pragma unroll
     for (int h8 = 0; h8 < 2; ++h8) {
-      const float den = __shfl_sync(0xffffffffu, acc[qt][8][2 * h8], lane & ~3);
+      // Approximate reciprocal (2 ulp, far below the bf16 output's rounding): the IEEE division
+      // is a subroutine call in relocatable device code (the plugin's build), and any call makes
+      // ptxas serialize the kernel's wgmma's.
+      const float inv = __fdividef(1.f, __shfl_sync(0xffffffffu, acc[qt][8][2 * h8], lane & ~3));
       const int64_t i = ib + 16 * qt + g + 8 * h8;
       if (i < S) {
         bf16* o = out + ((bb * S + i) * sh.Hq + hq) * DV + 2 * t;
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt)
           *reinterpret_cast<__nv_bfloat162*>(o + 8 * nt) =
-              __floats2bfloat162_rn(acc[qt][nt][2 * h8] / den, acc[qt][nt][2 * h8 + 1] / den);
+              __floats2bfloat162_rn(acc[qt][nt][2 * h8] * inv, acc[qt][nt][2 * h8 + 1] * inv);
       }
     }
 }

@@ -3,7 +3,8 @@
 # scripts/gpu-prepare.sh built on a development machine and carried over (.carry/plugin, .carry/bin,
 # .carry/gpu, .carry/spec, .whl) and ONNX Runtime's CUDA build staged with ../shared/device/ort-gpu.sh,
 # it runs, from the repo root:
-#   kernels   tests/gpu/test_kernels.py: the CUDA kernels alone vs a float64 oracle, every dtype
+#   kernels   tests/gpu/test_kernels.py: the CUDA kernels alone vs a float64 oracle, every dtype, as
+#             built for sm_90a and with the mma.sync paths of sm_80-89; the wgmma layout probe
 #   sanitize  compute-sanitizer memcheck + racecheck on the kernel tests' small subset
 #   ort       tests/gpu/test_ort_cuda.py: the plugin on ORT's CUDA EP (vs CPU EP and gold, in-place
 #             decode, CUDA graphs), then benches/gpu/bench_ort.py (ORT overhead over the bare kernels)
@@ -37,8 +38,12 @@ summary=()
 record() { summary+=("| $1 | $2 | $3 |"); }
 
 if want kernels; then
+  python3 tests/gpu/test_wgmma_probe.py > "$log/wgmma-probe.log" 2>&1
+  record "wgmma probe" "$([ $? -eq 0 ] && echo pass || echo FAIL)" "$(tail -n 1 "$log/wgmma-probe.log")"
   python3 tests/gpu/test_kernels.py > "$log/kernels.log" 2>&1
   record kernels "$([ $? -eq 0 ] && echo pass || echo FAIL)" "$(grep -c -i 'ok\|pass' "$log/kernels.log") lines ok; $(tail -n 1 "$log/kernels.log")"
+  PR_GPU_LIB=$PWD/.carry/gpu/nowgmma/libpr_test.so python3 tests/gpu/test_kernels.py > "$log/kernels-nowgmma.log" 2>&1
+  record "kernels, mma.sync paths (sm_80-89)" "$([ $? -eq 0 ] && echo pass || echo FAIL)" "$(tail -n 1 "$log/kernels-nowgmma.log")"
 fi
 if want sanitize; then
   for tool in memcheck racecheck; do

@@ -17,7 +17,7 @@ import prlib  # noqa: E402
 
 H, dev = 16, "cuda"
 ONCE = sys.argv[1:2] == ["--once"]
-LENGTHS, CHUNKS = ((int(sys.argv[2]),), (int(sys.argv[3]),)) if ONCE else ((8192, 32768, 131072), (256, 512, 1024))
+LENGTHS, CHUNKS = ((int(sys.argv[2]),), (int(sys.argv[3]),)) if ONCE else ((8192, 32768, 131072), (256, 512, 1024, 2048))
 print("| S | chunk | deltas ms | scan ms | query ms | sum ms | query share |")
 print("|---|---|---|---|---|---|---|")
 for S in LENGTHS:
