@@ -119,12 +119,16 @@ __host__ __device__ constexpr int core_offset(int r16, int c) {
 __host__ __device__ constexpr int core_k_offset(int n, int k) { return ((n >> 3) * 8 + (k >> 3)) * 64 + (n & 7) * 8 + (k & 7); }
 
 #ifdef PR_WGMMA
-// Descriptor of a core_offset tile at `tile` (16-byte aligned): leading (k) byte offset 1152,
-// stride (n) byte offset 128, no swizzle.
-__device__ __forceinline__ uint64_t desc_core_tile(const void* tile) {
-  return static_cast<uint64_t>((smem_addr(tile) & 0x3FFFF) >> 4) | (static_cast<uint64_t>(1152 >> 4) << 16) |
-         (static_cast<uint64_t>(128 >> 4) << 32);
+// Shared-memory matrix descriptor, no swizzle: start address, leading (k) and stride (m/n) byte
+// offsets between cores, each in 16-byte units.
+__device__ __forceinline__ uint64_t smem_desc(const void* tile, uint32_t lead_bytes, uint32_t stride_bytes) {
+  return static_cast<uint64_t>((smem_addr(tile) & 0x3FFFF) >> 4) | (static_cast<uint64_t>(lead_bytes >> 4) << 16) |
+         (static_cast<uint64_t>(stride_bytes >> 4) << 32);
 }
+// A core_offset tile at `tile` (16-byte aligned).
+__device__ __forceinline__ uint64_t desc_core_tile(const void* tile) { return smem_desc(tile, 1152, 128); }
+// A core_k_offset operand at `tile` (the k16 step's first core).
+__device__ __forceinline__ uint64_t desc_k64_tile(const void* tile) { return smem_desc(tile, 128, 1024); }
 
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
@@ -137,9 +141,10 @@ __device__ __forceinline__ void wg_wait() {
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 // Keeps the compiler from moving accumulator accesses across a wgmma wait or fence.
-__device__ __forceinline__ void fence_acc(float (&d)[9][4]) {
+template <int N>
+__device__ __forceinline__ void fence_acc(float (&d)[N][4]) {
 #pragma unroll
-  for (int i = 0; i < 9; ++i)
+  for (int i = 0; i < N; ++i)
 #pragma unroll
     for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[i][e])::"memory");
 }
@@ -169,18 +174,6 @@ __device__ __forceinline__ void wgmma_n72(float (&d)[9][4], const uint32_t (&a)[
         "+f"(d[8][3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1)
       : "memory");
-}
-
-__device__ __forceinline__ uint64_t desc_k64_tile(const void* tile) {
-  return static_cast<uint64_t>((smem_addr(tile) & 0x3FFFF) >> 4) | (static_cast<uint64_t>(128 >> 4) << 16) |
-         (static_cast<uint64_t>(1024 >> 4) << 32);
-}
-
-__device__ __forceinline__ void fence_acc8(float (&d)[8][4]) {
-#pragma unroll
-  for (int i = 0; i < 8; ++i)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[i][e])::"memory");
 }
 
 // d (m64 x n64, this warp's 16 rows) += a (registers) * B (k16 x n64, K-major, desc_k64_tile)

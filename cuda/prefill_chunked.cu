@@ -15,7 +15,7 @@
 //    per 8 state elements; each slot's delta is replaced by the state before its chunk (bf16), the
 //    last state goes to present_* in f32.
 // 3. query: grid (S/256, Hq, B), 8 warps of 32 query rows. For its chunk it reads the state before
-//    the chunk from the workspace (streamed through shared memory, 3 stages of 64 rows) and computes
+//    the chunk from the workspace (streamed through shared memory in stages of 64 rows) and computes
 //      acc_i = scale^2 e^{G_i} sum_(a, b >= a) q_ia q_ib P[(a, b), :]
 //    as mma's of the queries scaled per row by q_ia (bf16, held in registers) with the state rows
 //    of a; then the attention to the chunk's keys j <= i with weights (|scale q.k| + eps)^2
@@ -435,9 +435,9 @@ __global__ void __launch_bounds__(kScanThreads) retention_prefill_scan_kernel(co
 // ---------------------------------------------------------------------------------------------
 // Kernel 3: query
 // State stages of 64 rows (128 ran 1 % faster on H100 but has passed the tests only with the
-// mma.sync attention part: benches/RESULTS.md, ninth session) in 4 buffers, 2 stages ahead: the buffer a copy overwrites was last read
-// two stages earlier, so neither ldmatrix nor wgmma reads of it are pending at that stage's barrier
-// (with wgmma one group stays in flight across it).
+// mma.sync attention part: benches/RESULTS.md, ninth session) in 4 buffers, 2 stages ahead: the
+// buffer a copy overwrites was last read two stages earlier, so neither ldmatrix nor wgmma reads of
+// it are pending at that stage's barrier (with wgmma one group stays in flight across it).
 constexpr int kQThreads = 256, kNst = 4, kAhead = 2, kStRows = 64, kKsPerStage = kStRows / 16;
 static_assert(kRows % kStRows == 0 && kStRows % 16 == 0, "whole k-steps per stage, whole stages");
 static_assert(kKsPerStage >= 2 && kNst - kAhead >= 2, "the overwritten buffer's wgmma groups are done");
@@ -639,7 +639,7 @@ __global__ void __launch_bounds__(kQThreads, 1) retention_prefill_query_kernel(c
       for (int qt = 0; qt < 2; ++qt) {
 #pragma unroll
         for (int nn = 0; nn < 8; ++nn) sc[qt][nn][0] = sc[qt][nn][1] = sc[qt][nn][2] = sc[qt][nn][3] = 0.f;
-        mma::fence_acc8(sc[qt]);
+        mma::fence_acc(sc[qt]);
       }
       mma::wg_fence();
 #pragma unroll
@@ -653,7 +653,7 @@ __global__ void __launch_bounds__(kQThreads, 1) retention_prefill_query_kernel(c
       uint32_t Aw[2][4][4];
 #pragma unroll
       for (int qt = 0; qt < 2; ++qt) {
-        mma::fence_acc8(sc[qt]);
+        mma::fence_acc(sc[qt]);
 #pragma unroll
         for (int nn = 0; nn < 8; ++nn)
 #pragma unroll
