@@ -1,7 +1,7 @@
 """How the chunked prefill's time splits between its three kernels (deltas, scan, query), per sequence
 length and chunk: torch.profiler's CUDA time of each kernel over 10 calls of pr_prefill (bf16,
 B1 H16 D64, gated, present_state written). On the GPU machine, with PR_GPU_LIB set:
-    python3 benches/gpu/prefill_split.py
+    python3 benches/gpu/prefill_split.py [--chunks 512,1024]
 Prints a table; the sum is kernel time only (no launch gaps).
     python3 benches/gpu/prefill_split.py --once S CHUNK
 runs one warm-up and one timed-free call at that length and chunk, for a profiler such as
@@ -18,6 +18,8 @@ import prlib  # noqa: E402
 H, dev = 16, "cuda"
 ONCE = sys.argv[1:2] == ["--once"]
 LENGTHS, CHUNKS = ((int(sys.argv[2]),), (int(sys.argv[3]),)) if ONCE else ((8192, 32768, 131072), (256, 512, 1024, 2048))
+if sys.argv[1:2] == ["--chunks"]:  # e.g. --chunks 512,1024: only those chunk sizes
+    CHUNKS = tuple(int(c) for c in sys.argv[2].split(","))
 print("| S | chunk | deltas ms | scan ms | query ms | sum ms | query share |")
 print("|---|---|---|---|---|---|---|")
 for S in LENGTHS:
