@@ -49,11 +49,11 @@ def phi(x, dk, key):
     return f * w if key else f
 
 
-def rand_inputs(B, S, Hq, Hkv, Dk, Dv, dtype, gated, gen):
+def rand_inputs(B, S, Hq, Hkv, Dk, Dv, dtype, gated, gen, gate_bias=2.0):
     q = torch.randn(B, S, Hq, Dk, device=dev, generator=gen).to(dtype)
     k = torch.randn(B, S, Hkv, Dk, device=dev, generator=gen).to(dtype)
     v = torch.randn(B, S, Hkv, Dv, device=dev, generator=gen).to(dtype)
-    lg = torch.nn.functional.logsigmoid(torch.randn(B, S, Hkv, device=dev, generator=gen) + 2.0) if gated else None
+    lg = torch.nn.functional.logsigmoid(torch.randn(B, S, Hkv, device=dev, generator=gen) + gate_bias) if gated else None
     return q, k, v, lg
 
 
@@ -104,13 +104,15 @@ def cumsum_or_zero(lg, shape):
     return torch.zeros(shape, device=dev, dtype=torch.float64) if lg is None else lg.double().cumsum(0)
 
 
-def check_prefill(B, S, Hq, Hkv, Dk, Dv, dtype, gated, past, gen, kernel="auto", chunk=0, segmented=False):
+def check_prefill(B, S, Hq, Hkv, Dk, Dv, dtype, gated, past, gen, kernel="auto", chunk=0, segmented=False,
+                  gate_bias=2.0):
     """kernel: "auto" (pr_prefill with its workspace: the chunked kernels for bf16 Dk = Dv = 64),
     "tc" (no workspace: the one-kernel tensor-core path for bf16 Dk 32/64) or "simt".
     segmented: "auto" given half the workspace it asks for, so that the sequence runs in segments
     (the state carried through present_*); then once more without present_* (carried through the
-    workspace), which must give the same output bit for bit."""
-    q, k, v, lg = rand_inputs(B, S, Hq, Hkv, Dk, Dv, dtype, gated, gen)
+    workspace), which must give the same output bit for bit.
+    gate_bias: log gates are logsigmoid(N(0, 1) + gate_bias) (2: about -0.15 a token)."""
+    q, k, v, lg = rand_inputs(B, S, Hq, Hkv, Dk, Dv, dtype, gated, gen, gate_bias)
     scale = 1.0 / math.sqrt(Dk)
     D = Dk * (Dk + 1) // 2
     S0, s0 = rand_state(B, Hkv, Dk, Dv, gen) if past else (None, None)
@@ -152,7 +154,7 @@ def check_prefill(B, S, Hq, Hkv, Dk, Dv, dtype, gated, past, gen, kernel="auto",
             RS, Rs = torch.zeros_like(nS[b]).double(), torch.zeros_like(ns[b]).double()
         es = max(es, rel(nS[b], RS), rel(ns[b], Rs))
     tag = ("" if kernel == "auto" else f" ({kernel})") + (f" chunk {chunk}" if chunk else "") + (
-        " segmented" if segmented else "")
+        " segmented" if segmented else "") + (f" gates {gate_bias:+g}" if gate_bias != 2.0 else "")
     record("prefill out" + tag, dtype, eo)
     record("prefill state" + tag, dtype, es, tol=1e-4 if dtype == torch.float32 else TOL[dtype])
 
@@ -260,6 +262,12 @@ def main(small):
                             check_prefill(B, S, Hq, Hkv, Dk, Dv, dtype, gated, past, gen, chunk=256)
                             check_prefill(B, S, Hq, Hkv, Dk, Dv, dtype, gated, past, gen, chunk=256, segmented=True)
                     check_prefill(B, S, Hq, Hkv, Dk, Dv, dtype, gated, past, gen, kernel="simt")
+    # Strong gates (bias -2: about -2.1 a token, so a 64-key tile spans ~190 in log2, more than the
+    # chunked query kernel's factored weights allow) and mixed ones (bias 0: tiles on both sides).
+    for bias in (-2.0, 0.0):
+        for (B, S, Hq, Hkv) in ([(1, 600, 2, 2)] if small else [(1, 1000, 4, 2), (2, 600, 2, 2)]):
+            check_prefill(B, S, Hq, Hkv, 64, 64, torch.bfloat16, True, True, gen, gate_bias=bias)
+            check_prefill(B, S, Hq, Hkv, 64, 64, torch.bfloat16, True, True, gen, chunk=256, gate_bias=bias)
     caps = [16] if small else [1, 16, 64]
     # Dv 8 and 128 (with Dk 64 too), Dk 32 with Dv 96 (12 column blocks), GQA.
     heads = [(4, 2, 32, 32)] if small else [(4, 4, 64, 64), (8, 2, 64, 64), (2, 1, 32, 64), (2, 2, 128, 128),
