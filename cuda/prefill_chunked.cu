@@ -651,11 +651,13 @@ __global__ void __launch_bounds__(kQThreads, 1) retention_prefill_query_kernel(c
 #pragma unroll
       for (int h8 = 0; h8 < 2; ++h8) {
         const int il = ibl + 16 * qt + g + 8 * h8;
-        // Rows before the tile (all masked) are clamped so that no factor overflows.
-        const float l = fminf(static_cast<float>((Gd[il] - Gd[j0l + kTok - 1]) * kLog2e), kFastSpan);
+        const float l = static_cast<float>((Gd[il] - Gd[j0l + kTok - 1]) * kLog2e);
         lim[qt][h8] = il - j0l;
         if (fast_tile) {
-          const float f = exp2_approx(0.5f * l);
+          // l <= kFastSpan on every row with a valid key in the tile; the clamp keeps the factors of
+          // rows before the tile (all masked) finite. Exact tiles need no clamp: 2^(l + c) overflows
+          // only for masked pairs, and the select drops those.
+          const float f = exp2_approx(0.5f * fminf(l, kFastSpan));
           rs[qt][h8] = ascale * f;
           re[qt][h8] = kEps * f;
         } else {
