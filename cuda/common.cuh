@@ -79,15 +79,6 @@ __device__ __forceinline__ float bf(__nv_bfloat16 x) { return __bfloat162float(x
 
 inline bool aligned(const void* ptr, uintptr_t n) { return (reinterpret_cast<uintptr_t>(ptr) % n) == 0; }
 
-constexpr double kLog2e = 1.4426950408889634;
-
-// 2^x on the special-function unit (2 ulp; flushes subnormal results to zero).
-__device__ __forceinline__ float exp2_approx(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
 // Attention weight of one (query, key) pair: (|scale q.k| + eps)^2 exp(dG), dG = G_i - G_j <= 0.
 __device__ __forceinline__ float attn_weight(float dot, float scale, float dG) {
   const float x = fabsf(scale * dot) + kEps;

@@ -176,10 +176,8 @@ __device__ __forceinline__ void wgmma_n72(float (&d)[9][4], const uint32_t (&a)[
       : "memory");
 }
 
-// d (m64 x n64, this warp's 16 rows) = a (registers) * B (k16 x n64, K-major, desc_k64_tile), plus d
-// where `accumulate` (false starts a new product without zeroing d first).
-__device__ __forceinline__ void wgmma_n64_kmajor(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b,
-                                                 bool accumulate = true) {
+// d (m64 x n64, this warp's 16 rows) += a (registers) * B (k16 x n64, K-major, desc_k64_tile)
+__device__ __forceinline__ void wgmma_n64_kmajor(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
@@ -191,7 +189,7 @@ __device__ __forceinline__ void wgmma_n64_kmajor(float (&d)[8][4], const uint32_
         "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]),
         "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
         "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate ? 1 : 0)
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1)
       : "memory");
 }
 #endif

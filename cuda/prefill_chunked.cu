@@ -48,7 +48,6 @@
 #include <math.h>
 
 #include <algorithm>
-#include <type_traits>
 
 #include "common.cuh"
 #include "mma.cuh"
@@ -205,12 +204,9 @@ constexpr int kDMinBlocks = kDA <= 2 ? 2 : 1;
 constexpr int KGP = kTok + 8;  // pitch of a warp's k_ja gamma_j rows
 constexpr int kMaxT = 2048;
 constexpr int kMaxPerD = kMaxT / kDThreads;
-// Five tile buffers, three tiles ahead (one tile's 4 k-steps are too short to hide a load behind):
-// the buffer a copy overwrites was last read two tiles earlier, so neither the ldmatrix reads nor
-// the asynchronous wgmma reads of it can still be pending (one wgmma group stays in flight across a
-// tile's barrier, none across two).
-constexpr int kDBuf = 5, kDAhead = 3;
-static_assert(kDBuf - kDAhead >= 2, "the overwritten buffer's wgmma groups are done");
+// Three tile buffers, one tile ahead: the buffer a copy overwrites was last read two tiles earlier,
+// so neither the ldmatrix reads nor the asynchronous wgmma reads of it can still be pending.
+constexpr int kDBuf = 3;
 struct DCfg {
   static constexpr int oK = 0;                             // bf16 [kDBuf][kTok][KP]
   static constexpr int oV = oK + kDBuf * kTok * KP * 2;    // bf16 [kDBuf][kTok / 16 core tiles]
@@ -258,12 +254,8 @@ __global__ void __launch_bounds__(kDThreads, kDMinBlocks) retention_prefill_delt
     copy_rows<kDThreads, kTok, DK / 8>(Ks + buf * kTok * KP, KP, kptr, bb, S, sh.Hkv, hk, DK, 0, j0);
     copy_values_core<kDThreads>(Vs + buf * kTok * NX, vptr, bb, S, sh.Hkv, hk, j0);
   };
-  // One commit group per tile, empty past the last, so that "tile kt landed" is always the same wait.
-#pragma unroll
-  for (int kt = 0; kt < kDAhead; ++kt) {
-    if (kt < ntiles) issue_tile(kt, kt);
-    mma::cp_async_commit();
-  }
+  issue_tile(0, 0);
+  mma::cp_async_commit();
 
   {  // gamma_j = e^{G_T - G_j} and the chunk decay e^{G_T}
     double local[kMaxPerD], total;
@@ -289,13 +281,15 @@ __global__ void __launch_bounds__(kDThreads, kDMinBlocks) retention_prefill_delt
 
   for (int kt = 0; kt < ntiles; ++kt) {
     const int buf = kt % kDBuf;
-    mma::cp_async_wait_group<kDAhead - 1>();
+    mma::cp_async_wait_all();
 #ifdef PR_WGMMA
     mma::fence_proxy_async();  // this thread's copies (and value columns) before the wgmma reads
 #endif
     __syncthreads();  // tile kt and gam landed
-    if (kt + kDAhead < ntiles) issue_tile(kt + kDAhead, (kt + kDAhead) % kDBuf);
-    mma::cp_async_commit();
+    if (kt + 1 < ntiles) {
+      issue_tile(kt + 1, (kt + 1) % kDBuf);
+      mma::cp_async_commit();
+    }
     const bf16* Kc = Ks + buf * kTok * KP;
     const bf16* Vc = Vs + buf * kTok * NX;
     // this warp's k_ja gamma_j, as bf16 pairs of consecutive tokens
@@ -441,35 +435,21 @@ __global__ void __launch_bounds__(kScanThreads) retention_prefill_scan_kernel(co
 // ---------------------------------------------------------------------------------------------
 // Kernel 3: query
 // State stages of 64 rows (128 ran 1 % faster on H100 but has passed the tests only with the
-// mma.sync attention part: benches/RESULTS.md, ninth session) in 6 buffers, 4 stages ahead (a
-// stage's 4 k-steps are too short to hide a load behind 2): the buffer a copy overwrites was last
-// read two stages earlier, so neither ldmatrix nor wgmma reads of it are pending at that stage's
-// barrier (with wgmma one group stays in flight across it).
-constexpr int kQThreads = 256, kNst = 6, kAhead = 4, kStRows = 64, kKsPerStage = kStRows / 16;
+// mma.sync attention part: benches/RESULTS.md, ninth session) in 4 buffers, 2 stages ahead: the
+// buffer a copy overwrites was last read two stages earlier, so neither ldmatrix nor wgmma reads of
+// it are pending at that stage's barrier (with wgmma one group stays in flight across it).
+constexpr int kQThreads = 256, kNst = 4, kAhead = 2, kStRows = 64, kKsPerStage = kStRows / 16;
 static_assert(kRows % kStRows == 0 && kStRows % 16 == 0, "whole k-steps per stage, whole stages");
 static_assert(kKsPerStage >= 2 && kNst - kAhead >= 2, "the overwritten buffer's wgmma groups are done");
-// Key/value tiles of the attention part in 5 buffers, 3 tiles ahead, the first 3 requested with the
-// state part's last stages. The buffer a copy overwrites was last read two tiles earlier; a
-// warpgroup that waited for its S product of tile kt - 1 has finished every wgmma of tile kt - 2.
-constexpr int kKvBuf = 5, kKvAhead = 3;
-static_assert(kKvBuf - kKvAhead >= 2, "the overwritten buffer's wgmma groups are done");
 constexpr int kMaxPerQ = kMaxT / kQThreads;
-// A key tile whose log2 gates span at most kFastSpan has its weights' decay 2^(l_i + c_j) as a row
-// factor times a column factor (l_i: row i relative to the tile's last key, c_j: key j relative to
-// it, both exact to f32), so no exponential per weight; wider tiles (strong gates) take one ex2 of
-// l_i + c_j per weight. 2^(kFastSpan / 2) keeps the factors' products far from f32 overflow.
-constexpr float kFastSpan = 64.f;
 struct QCfg {
-  static constexpr int oQ = 0;                                 // bf16 [kQRows][KP]
-  static constexpr int oSt = oQ + kQRows * KP * 2;             // bf16 [kNst][kStRows / 16 core tiles]
-  static constexpr int oK = oSt + kNst * kStRows * NX * 2;     // bf16 [kKvBuf][kTok][KP]
-  static constexpr int oV = oK + kKvBuf * kTok * KP * 2;       // bf16 [kKvBuf][kTok / 16 core tiles]
-  static constexpr int oW = oV + kKvBuf * kTok * NX * 2;       // f64 [8] warp totals
-  static constexpr int oFast = oW + 8 * 8;                     // i32 [kMaxT / kTok] tile takes the fast path
-  static constexpr int oGd = oFast + kMaxT / kTok * 4;         // f64 [<= T] cumulative gates from the chunk start
-  __host__ __device__ static size_t oC(int T) { return oGd + static_cast<size_t>(T) * 8; }  // f32 [<= T] c_j (log2)
-  __host__ __device__ static size_t oRb(int T) { return oC(T) + static_cast<size_t>(T) * 4; }  // f32 [<= T] 2^(c_j / 2)
-  __host__ __device__ static size_t bytes(int T) { return oRb(T) + static_cast<size_t>(T) * 4; }
+  static constexpr int oQ = 0;                             // bf16 [kQRows][KP]
+  static constexpr int oSt = oQ + kQRows * KP * 2;         // bf16 [kNst][kStRows / 16 core tiles]
+  static constexpr int oK = oSt + kNst * kStRows * NX * 2;  // bf16 [2][kTok][KP]
+  static constexpr int oV = oK + 2 * kTok * KP * 2;        // bf16 [2][kTok / 16 core tiles]
+  static constexpr int oW = oV + 2 * kTok * NX * 2;        // f64 [8] warp totals
+  static constexpr int oGd = oW + 8 * 8;                   // f64 [<= T] cumulative gates from the chunk start
+  static size_t bytes(int T) { return oGd + static_cast<size_t>(T) * 8; }
 };
 
 __global__ void __launch_bounds__(kQThreads, 1) retention_prefill_query_kernel(const PrPrefillParams p, const PrefillShape sh,
@@ -481,10 +461,7 @@ __global__ void __launch_bounds__(kQThreads, 1) retention_prefill_query_kernel(c
   bf16* Ks = reinterpret_cast<bf16*>(smem + QCfg::oK);
   bf16* Vs = reinterpret_cast<bf16*>(smem + QCfg::oV);
   double* wtot = reinterpret_cast<double*>(smem + QCfg::oW);
-  int* fast = reinterpret_cast<int*>(smem + QCfg::oFast);
   double* Gd = reinterpret_cast<double*>(smem + QCfg::oGd);
-  float* Cl = reinterpret_cast<float*>(smem + QCfg::oC(T));
-  float* Rb = reinterpret_cast<float*>(smem + QCfg::oRb(T));
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
   const int hq = blockIdx.y, hk = hq / sh.r;
@@ -504,8 +481,7 @@ __global__ void __launch_bounds__(kQThreads, 1) retention_prefill_query_kernel(c
 #endif
   const int wr = 32 * warp;  // this warp's first row in the block
 
-  init_value_ext<kQThreads>(Vs, kKvBuf);
-  if (tid < kMaxT / kTok) fast[tid] = 1;
+  init_value_ext<kQThreads>(Vs, 2);
 
   copy_rows<kQThreads, kQRows, DK / 8>(Qs, KP, qptr, bb, S, sh.Hq, hq, DK, 0, r0);
   constexpr int nstages = kRows / kStRows;
@@ -514,12 +490,6 @@ __global__ void __launch_bounds__(kQThreads, 1) retention_prefill_query_kernel(c
     const bf16* src = Pn + static_cast<int64_t>(st) * kStRows * NX;
     bf16* dst = St + (st % kNst) * kStRows * NX;
     for (int e = tid; e < kStRows * NX / 8; e += kQThreads) mma::cp_async16(dst + 8 * e, src + 8 * e, 16);
-  };
-  // Key/value tile kt of the chunk (rows at or past S zero-filled, so any kt < L / kTok is safe).
-  auto issue_kv = [&](int kt, int buf) {
-    const int64_t j0 = c0 + static_cast<int64_t>(kt) * kTok;
-    copy_keys_core<kQThreads>(Ks + buf * kTok * KP, kptr, bb, S, sh.Hkv, hk, j0);
-    copy_values_core<kQThreads>(Vs + buf * kTok * NX, vptr, bb, S, sh.Hkv, hk, j0);
   };
 #pragma unroll
   for (int st = 0; st < kAhead; ++st) {
@@ -536,7 +506,6 @@ __global__ void __launch_bounds__(kQThreads, 1) retention_prefill_query_kernel(c
       if (i < per) Gd[tid * per + i] = local[i] + off;
   }
 
-  // One commit group per stage; key/value tile q joins the group of stage nstages - kKvAhead + q.
   auto begin_stage = [&](int st) {
     mma::cp_async_wait_group<kAhead - 1>();
 #ifdef PR_WGMMA
@@ -544,18 +513,9 @@ __global__ void __launch_bounds__(kQThreads, 1) retention_prefill_query_kernel(c
 #endif
     __syncthreads();
     issue_stage(st + kAhead);
-    if (st >= nstages - kKvAhead) issue_kv(st - (nstages - kKvAhead), st - (nstages - kKvAhead));
     mma::cp_async_commit();
   };
   begin_stage(0);  // also the queries and the gates
-
-  // Column factors of every key of the chunk span relative to the last key of its tile.
-  for (int k = tid; k < L; k += kQThreads) {
-    const float c = static_cast<float>((Gd[k | (kTok - 1)] - Gd[k]) * kLog2e);
-    Cl[k] = c;
-    Rb[k] = exp2_approx(0.5f * c);
-    if (!(fabsf(c) <= kFastSpan)) fast[k / kTok] = 0;  // NaN gates take the exact path too
-  }
 
   uint32_t Qf[2][4][4];  // A fragments: rows wr + 16 qt .., Dk columns 16 kt ..
 #pragma unroll
@@ -636,118 +596,91 @@ __global__ void __launch_bounds__(kQThreads, 1) retention_prefill_query_kernel(c
       }
     }
 
-  // Attention to the chunk's keys up to this block's last row, W[i][j] = (|scale q.k| + eps)^2
-  // e^(G_i - G_j) for j <= i, 0 past the row.
+  // Attention to the chunk's keys up to this block's last row.
   const int ntk = static_cast<int>(min(static_cast<int64_t>(L), S - c0 + kTok - 1) / kTok);
-  const int ibl = static_cast<int>(r0 - c0) + wr;  // this warp's first row, from the chunk start
-  const float ascale = fabsf(p.scale);
-  // Per tile and row (warp row 16 qt + g + 8 h8): the last valid key column `lim`, and the row factor:
-  // fast tiles |scale| 2^(l / 2) and eps 2^(l / 2) (x 2^(l / 2) = that fma), exact tiles l itself.
-  float rs[2][2], re[2][2];
-  int lim[2][2];
-  auto row_factors = [&](int j0l, bool fast_tile) {
-#pragma unroll
-    for (int qt = 0; qt < 2; ++qt)
-#pragma unroll
-      for (int h8 = 0; h8 < 2; ++h8) {
-        const int il = ibl + 16 * qt + g + 8 * h8;
-        const float l = static_cast<float>((Gd[il] - Gd[j0l + kTok - 1]) * kLog2e);
-        lim[qt][h8] = il - j0l;
-        if (fast_tile) {
-          // l <= kFastSpan on every row with a valid key in the tile; the clamp keeps the factors of
-          // rows before the tile (all masked) finite. Exact tiles need no clamp: 2^(l + c) overflows
-          // only for masked pairs, and the select drops those.
-          const float f = exp2_approx(0.5f * fminf(l, kFastSpan));
-          rs[qt][h8] = ascale * f;
-          re[qt][h8] = kEps * f;
-        } else {
-          rs[qt][h8] = l;
-        }
-      }
+  auto issue_kv = [&](int kt, int buf) {
+    const int64_t j0 = c0 + static_cast<int64_t>(kt) * kTok;
+    copy_keys_core<kQThreads>(Ks + buf * kTok * KP, kptr, bb, S, sh.Hkv, hk, j0);
+    copy_values_core<kQThreads>(Vs + buf * kTok * NX, vptr, bb, S, sh.Hkv, hk, j0);
   };
-  // The weights of NN 8-key groups of a score tile s (keys j0l + col0 + 8 nn + 2 t + (e & 1)), as the
-  // bf16 A fragments of the W V mma (16-key step nn / 2). s itself is left as it is: rewriting it
-  // while a W V wgmma is in flight makes ptxas serialize the wgmma's.
-  auto weigh = [&](auto fast_tag, const float (&s)[8][4], int NN, int qt, int j0l, int col0, uint32_t (&A)[4][4]) {
-    constexpr bool kFast = decltype(fast_tag)::value;
-    const float* tbl = (kFast ? Rb : Cl) + j0l + col0 + 2 * t;
-#pragma unroll
-    for (int nn = 0; nn < 8; ++nn) {
-      if (nn >= NN) break;
-      const float2 cf = *reinterpret_cast<const float2*>(tbl + 8 * nn);
-#pragma unroll
-      for (int h8 = 0; h8 < 2; ++h8) {
-        float w[2];
-#pragma unroll
-        for (int e1 = 0; e1 < 2; ++e1) {
-          const float d = s[nn][2 * h8 + e1], c = e1 ? cf.y : cf.x;
-          float x;
-          if constexpr (kFast) {
-            const float y = fmaf(fabsf(d), rs[qt][h8], re[qt][h8]) * c;
-            x = y * y;
-          } else {
-            const float z = fmaf(fabsf(d), ascale, kEps);
-            x = z * z * exp2_approx(rs[qt][h8] + c);
-          }
-          w[e1] = col0 + 8 * nn + 2 * t + e1 <= lim[qt][h8] ? x : 0.f;
-        }
-        A[nn >> 1][2 * (nn & 1) + h8] = mma::pack_bf16(w[0], w[1]);
-      }
-    }
+  mma::cp_async_wait_all();
+  __syncthreads();
+  if (ntk > 0) {
+    issue_kv(0, 0);
+    mma::cp_async_commit();
+  }
+  const int64_t ib = r0 + wr;  // this warp's first row (global position)
+  // W[i][j] = attention weight of row i (warp row 16 qt + g + 8 (e >> 1)) to key j, 0 past the row
+  auto weigh = [&](float dot, int qt, int e, int64_t j) {
+    const int64_t i = ib + 16 * qt + g + 8 * (e >> 1);
+    return j <= i ? attn_weight(dot, p.scale, static_cast<float>(Gd[i - c0] - Gd[j - c0])) : 0.f;
   };
-  using Fast = std::integral_constant<bool, true>;
-  using Exact = std::integral_constant<bool, false>;
   for (int kt = 0; kt < ntk; ++kt) {
-    const int buf = kt % kKvBuf;
-    mma::cp_async_wait_group<kKvAhead - 1>();
+    const int buf = kt & 1;
+    mma::cp_async_wait_all();
 #ifdef PR_WGMMA
+    mma::wg_wait<0>();  // the previous tile's W x V read the buffer the next copy overwrites
     mma::fence_proxy_async();
 #endif
     __syncthreads();
-    if (kt + kKvAhead < ntk) issue_kv(kt + kKvAhead, (kt + kKvAhead) % kKvBuf);
-    mma::cp_async_commit();
+    if (kt + 1 < ntk) {
+      issue_kv(kt + 1, buf ^ 1);
+      mma::cp_async_commit();
+    }
     const bf16* Kc = Ks + buf * kTok * KP;
     const bf16* Vc = Vs + buf * kTok * NX;
-    const int j0l = kTok * kt;
-    const bool fast_tile = fast[kt] != 0;
 #ifdef PR_WGMMA
-    // Per warpgroup (its 4 warps' 128 rows): S = Q K^T over the tile's 64 keys (one group of four
-    // m64 n64 k16 wgmma's per query tile qt), then per qt the weights in registers and acc += W V
-    // (m64 n72), so that the weights of qt 0 are formed while S of qt 1 runs, and those of qt 1
-    // while W V of qt 0 runs.
-    if (ibl - 32 * (warp & 3) + 127 >= j0l) {  // the warpgroup's last row is at or past the tile's first key
+    // Per warpgroup (its 4 warps' 128 rows): S = Q K^T over the tile's 64 keys (two m64 n64 k16
+    // wgmma's per k16 step, query tiles qt), the weights in registers, then acc += W V (m64 n72).
+    const int64_t j0 = c0 + static_cast<int64_t>(kt) * kTok;
+    if (j0 <= r0 + 128 * (warp >> 2) + 127) {  // uniform over the warpgroup
       float sc[2][8][4];
+#pragma unroll
+      for (int qt = 0; qt < 2; ++qt) {
+#pragma unroll
+        for (int nn = 0; nn < 8; ++nn) sc[qt][nn][0] = sc[qt][nn][1] = sc[qt][nn][2] = sc[qt][nn][3] = 0.f;
+        mma::fence_acc(sc[qt]);
+      }
       mma::wg_fence();
 #pragma unroll
-      for (int qt = 0; qt < 2; ++qt) {
-#pragma unroll
-        for (int kd = 0; kd < 4; ++kd) mma::wgmma_n64_kmajor(sc[qt], Qf[qt][kd], mma::desc_k64_tile(Kc + 128 * kd), kd > 0);
-        mma::wg_commit();
+      for (int kd = 0; kd < 4; ++kd) {
+        const uint64_t dk = mma::desc_k64_tile(Kc + 128 * kd);
+        mma::wgmma_n64_kmajor(sc[0], Qf[0][kd], dk);
+        mma::wgmma_n64_kmajor(sc[1], Qf[1][kd], dk);
       }
-      row_factors(j0l, fast_tile);
+      mma::wg_commit();
+      mma::wg_wait<0>();
+      uint32_t Aw[2][4][4];
 #pragma unroll
       for (int qt = 0; qt < 2; ++qt) {
-        mma::wg_wait<1>();  // S of this qt (and every older group)
         mma::fence_acc(sc[qt]);
-        uint32_t Aw[4][4];
-        if (fast_tile)
-          weigh(Fast{}, sc[qt], 8, qt, j0l, 0, Aw);
-        else
-          weigh(Exact{}, sc[qt], 8, qt, j0l, 0, Aw);
-        mma::wg_fence();
 #pragma unroll
-        for (int kk = 0; kk < 4; ++kk) mma::wgmma_n72(acc[qt], Aw[kk], mma::desc_core_tile(Vc + kk * kTileE));
-        mma::wg_commit();
+        for (int nn = 0; nn < 8; ++nn)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) sc[qt][nn][e] = weigh(sc[qt][nn][e], qt, e, j0 + 8 * nn + 2 * t + (e & 1));
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          Aw[qt][kk][0] = mma::pack_bf16(sc[qt][2 * kk][0], sc[qt][2 * kk][1]);
+          Aw[qt][kk][1] = mma::pack_bf16(sc[qt][2 * kk][2], sc[qt][2 * kk][3]);
+          Aw[qt][kk][2] = mma::pack_bf16(sc[qt][2 * kk + 1][0], sc[qt][2 * kk + 1][1]);
+          Aw[qt][kk][3] = mma::pack_bf16(sc[qt][2 * kk + 1][2], sc[qt][2 * kk + 1][3]);
+        }
       }
-    } else {
-      mma::wg_wait<0>();  // a skipped tile: this warpgroup's last W V is done before its buffer is reused
+      mma::wg_fence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        const uint64_t dv = mma::desc_core_tile(Vc + kk * kTileE);
+        mma::wgmma_n72(acc[0], Aw[0][kk], dv);
+        mma::wgmma_n72(acc[1], Aw[1][kk], dv);
+      }
+      mma::wg_commit();
     }
 #else
-    row_factors(j0l, fast_tile);
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
-      if (j0l + 32 * hh > ibl + 31) continue;  // every key after every row of this warp
-      float s[2][8][4];  // nn < 4 used
+      const int64_t j0 = c0 + static_cast<int64_t>(kt) * kTok + 32 * hh;
+      if (j0 > ib + 31) continue;  // every key after every row of this warp
+      float s[2][4][4];
 #pragma unroll
       for (int qt = 0; qt < 2; ++qt)
 #pragma unroll
@@ -764,27 +697,29 @@ __global__ void __launch_bounds__(kQThreads, 1) retention_prefill_query_kernel(c
             mma::mma_bf16(s[qt][2 * pq + 1], Qf[qt][kd], Bk[2], Bk[3]);
           }
         }
-      uint32_t Aw[2][4][4];  // kk < 2 used
 #pragma unroll
-      for (int qt = 0; qt < 2; ++qt) {
-        if (fast_tile)
-          weigh(Fast{}, s[qt], 4, qt, j0l, 32 * hh, Aw[qt]);
-        else
-          weigh(Exact{}, s[qt], 4, qt, j0l, 32 * hh, Aw[qt]);
-      }
+      for (int qt = 0; qt < 2; ++qt)
+#pragma unroll
+        for (int nn = 0; nn < 4; ++nn)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[qt][nn][e] = weigh(s[qt][nn][e], qt, e, j0 + 8 * nn + 2 * t + (e & 1));
 #pragma unroll
       for (int kk = 0; kk < 2; ++kk) {
         uint32_t B[9][2];
         load_b_core(B, Vc + (2 * hh + kk) * kTileE);
 #pragma unroll
-        for (int qt = 0; qt < 2; ++qt)
+        for (int qt = 0; qt < 2; ++qt) {
+          const uint32_t Aw[4] = {mma::pack_bf16(s[qt][2 * kk][0], s[qt][2 * kk][1]),
+                                  mma::pack_bf16(s[qt][2 * kk][2], s[qt][2 * kk][3]),
+                                  mma::pack_bf16(s[qt][2 * kk + 1][0], s[qt][2 * kk + 1][1]),
+                                  mma::pack_bf16(s[qt][2 * kk + 1][2], s[qt][2 * kk + 1][3])};
 #pragma unroll
-          for (int nt = 0; nt < 9; ++nt) mma::mma_bf16(acc[qt][nt], Aw[qt][kk], B[nt][0], B[nt][1]);
+          for (int nt = 0; nt < 9; ++nt) mma::mma_bf16(acc[qt][nt], Aw, B[nt][0], B[nt][1]);
+        }
       }
     }
 #endif
   }
-  mma::cp_async_wait_all();  // tiles requested past the last one this block needed
 #ifdef PR_WGMMA
   mma::wg_wait_all(acc);
 #endif
@@ -797,7 +732,7 @@ __global__ void __launch_bounds__(kQThreads, 1) retention_prefill_query_kernel(c
       // is a subroutine call in relocatable device code (the plugin's build), and any call makes
       // ptxas serialize the kernel's wgmma's.
       const float inv = __fdividef(1.f, __shfl_sync(0xffffffffu, acc[qt][8][2 * h8], lane & ~3));
-      const int64_t i = r0 + wr + 16 * qt + g + 8 * h8;
+      const int64_t i = ib + 16 * qt + g + 8 * h8;
       if (i < S) {
         bf16* o = out + ((bb * S + i) * sh.Hq + hq) * DV + 2 * t;
 #pragma unroll
