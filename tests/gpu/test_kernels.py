@@ -49,7 +49,10 @@ def phi(x, dk, key):
     return f * w if key else f
 
 
-def rand_inputs(B, S, Hq, Hkv, Dk, Dv, dtype, gated, gen, gate_bias=2.0):
+GATE_BIAS = 2.0  # log gates are logsigmoid(N(0, 1) + bias); 2: about -0.15 a token
+
+
+def rand_inputs(B, S, Hq, Hkv, Dk, Dv, dtype, gated, gen, gate_bias=GATE_BIAS):
     q = torch.randn(B, S, Hq, Dk, device=dev, generator=gen).to(dtype)
     k = torch.randn(B, S, Hkv, Dk, device=dev, generator=gen).to(dtype)
     v = torch.randn(B, S, Hkv, Dv, device=dev, generator=gen).to(dtype)
@@ -105,13 +108,13 @@ def cumsum_or_zero(lg, shape):
 
 
 def check_prefill(B, S, Hq, Hkv, Dk, Dv, dtype, gated, past, gen, kernel="auto", chunk=0, segmented=False,
-                  gate_bias=2.0):
+                  gate_bias=GATE_BIAS):
     """kernel: "auto" (pr_prefill with its workspace: the chunked kernels for bf16 Dk = Dv = 64),
     "tc" (no workspace: the one-kernel tensor-core path for bf16 Dk 32/64) or "simt".
     segmented: "auto" given half the workspace it asks for, so that the sequence runs in segments
     (the state carried through present_*); then once more without present_* (carried through the
     workspace), which must give the same output bit for bit.
-    gate_bias: log gates are logsigmoid(N(0, 1) + gate_bias) (2: about -0.15 a token)."""
+    gate_bias: see GATE_BIAS."""
     q, k, v, lg = rand_inputs(B, S, Hq, Hkv, Dk, Dv, dtype, gated, gen, gate_bias)
     scale = 1.0 / math.sqrt(Dk)
     D = Dk * (Dk + 1) // 2
@@ -154,7 +157,7 @@ def check_prefill(B, S, Hq, Hkv, Dk, Dv, dtype, gated, past, gen, kernel="auto",
             RS, Rs = torch.zeros_like(nS[b]).double(), torch.zeros_like(ns[b]).double()
         es = max(es, rel(nS[b], RS), rel(ns[b], Rs))
     tag = ("" if kernel == "auto" else f" ({kernel})") + (f" chunk {chunk}" if chunk else "") + (
-        " segmented" if segmented else "") + (f" gates {gate_bias:+g}" if gate_bias != 2.0 else "")
+        " segmented" if segmented else "") + (f" gates {gate_bias:+g}" if gate_bias != GATE_BIAS else "")
     record("prefill out" + tag, dtype, eo)
     record("prefill state" + tag, dtype, es, tol=1e-4 if dtype == torch.float32 else TOL[dtype])
 
@@ -263,7 +266,8 @@ def main(small):
                             check_prefill(B, S, Hq, Hkv, Dk, Dv, dtype, gated, past, gen, chunk=256, segmented=True)
                     check_prefill(B, S, Hq, Hkv, Dk, Dv, dtype, gated, past, gen, kernel="simt")
     # Strong gates (bias -2: about -2.1 a token, so a 64-key tile spans ~190 in log2, more than the
-    # chunked query kernel's factored weights allow) and mixed ones (bias 0: tiles on both sides).
+    # factored weights of cuda/pending/prefill-latency.patch allow) and mixed ones (bias 0: tiles on
+    # both sides of that limit).
     for bias in (-2.0, 0.0):
         for (B, S, Hq, Hkv) in ([(1, 600, 2, 2)] if small else [(1, 1000, 4, 2), (2, 600, 2, 2)]):
             check_prefill(B, S, Hq, Hkv, 64, 64, torch.bfloat16, True, True, gen, gate_bias=bias)
