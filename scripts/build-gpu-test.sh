@@ -2,6 +2,9 @@
 # Builds the standalone test library (.carry/gpu/libpr_test.so: the cuda/*.cu launchers, cudart
 # static) that tests/gpu/ and benches/gpu/ load with ctypes on the GPU machine. Run here, then carry
 # .carry/gpu to the device. ARCHS overrides the targets (default: sm_90a for the H100/H200).
+# With --pending, also the same libraries with each patch of cuda/pending/series applied to a copy
+# of cuda/ (.carry/pending/<patch name>/), and with all of them applied in the series' order when
+# there are several (.carry/pending/all/): what `scripts/gpu-check.sh pending` tests and times against .carry/gpu.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 nvcc="${NVCC:-}"
@@ -27,3 +30,27 @@ build "$out/libpr_test.so" "$root"/cuda/*.cu &
 build "$out/nowgmma/libpr_test.so" -DPR_NO_WGMMA "$root"/cuda/*.cu &
 build "$out/libwgmma_probe.so" "$root/tests/gpu/wgmma_probe.cu" &
 wait %1 && wait %2 && wait %3
+
+[ "${1:-}" = --pending ] || exit 0
+rm -rf "$root/.carry/pending"
+# cuda/pending/series: the patches in the order they stack (each also applies alone)
+mapfile -t patches < <(grep -v '^#' "$root/cuda/pending/series" | sed "s|^|$root/cuda/pending/|")
+[ ${#patches[@]} -gt 0 ] || { echo "cuda/pending/series lists no patch" >&2; exit 0; }
+variant() {  # variant NAME PATCH...: cuda/ with the patches applied, built as NAME
+  local name="$1"; shift
+  local src; src="$(mktemp -d)"
+  cp -r "$root/cuda" "$src/cuda"
+  for pf in "$@"; do (cd "$src" && git apply "$pf") || { echo "$pf does not apply" >&2; return 1; }; done
+  mkdir -p "$root/.carry/pending/$name/nowgmma"
+  # (quoted includes resolve beside the including file: the patched headers)
+  build "$root/.carry/pending/$name/libpr_test.so" "$src"/cuda/*.cu & local p1=$!
+  build "$root/.carry/pending/$name/nowgmma/libpr_test.so" -DPR_NO_WGMMA "$src"/cuda/*.cu & local p2=$!
+  wait $p1 && wait $p2
+  rm -rf "$src"
+}
+for pf in "${patches[@]}"; do variant "$(basename "$pf" .patch)" "$pf"; done
+[ ${#patches[@]} -lt 2 ] || variant all "${patches[@]}"
+# The variants compress to a sixth (xz), so that they travel to the device beside .carry/gpu/ within
+# a call's 64 MiB: carry .carry/pending.tar.xz; gpu-check.sh pending unpacks it.
+tar -C "$root/.carry" -cJf "$root/.carry/pending.tar.xz" pending
+du -h "$root/.carry/pending.tar.xz" >&2

@@ -19,9 +19,15 @@
 #             after ORT's transformer optimizer, and exported at opset 23 with ONNX's Attention op
 #   lmprof    benches/gpu/profile_step.py: per-operator time of one step of each stock model of lm
 #             (as built, MultiHeadAttention, GroupQueryAttention) at 1k and 32k context
+#   pending   each kernel variant under .carry/pending/ (or .carry/pending.tar.xz, as carried;
+#             scripts/build-gpu-test.sh --pending builds them: the
+#             cuda/pending/*.patch changes, not yet built into the plugin): the kernel tests in both
+#             builds, memcheck and racecheck, and the prefill's kernel times side by side with .carry/gpu's
+#             (benches/gpu/prefill_split.py at chunk 512, 16 and 8 heads, the two libraries
+#             alternating, twice); PENDING="NAME..." picks variants
 #   kernelsum scripts/kernel-sum.sh: the summed kernel time of one decode step of that model (ncu),
 #             against generate's per-token latency with a CUDA graph
-# Usage: scripts/gpu-check.sh [kernels|sanitize|ort|bench|lm|lmhf|lmprof|kernelsum|all]...   (default all; logs in $OUT or /tmp)
+# Usage: scripts/gpu-check.sh [kernels|sanitize|ort|bench|lm|lmhf|lmprof|pending|kernelsum|all]...   (default all; logs in $OUT or /tmp)
 # Ends with one summary table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -133,6 +139,35 @@ if want kernelsum; then
     echo "kernelsum rc $?" >> "$log/kernelsum.log"
   )
   record "kernel sum per decode step (ncu)" "$(grep -q 'kernelsum rc 0' "$log/kernelsum.log" && echo done || echo FAIL)" "$(grep -E '^kernel time per decode step|^per-token latency|ncu not found' "$log/kernelsum.log" | tr '\n' ' ')"
+fi
+if want pending; then
+  [ -d .carry/pending ] || [ ! -f .carry/pending.tar.xz ] || tar -C .carry -xJf .carry/pending.tar.xz
+  # PENDING="all fused-scan" picks variants (default: every one, "all" first), for when one call's
+  # 10 minutes cannot hold every variant's two test runs, two sanitizers and timings.
+  names=${PENDING:-$([ -d .carry/pending/all ] && echo all) $(ls .carry/pending 2>/dev/null | grep -vx all)}
+  for name in $names; do
+    dir=.carry/pending/$name
+    [ -f "$dir/libpr_test.so" ] || { record "pending $name" "FAIL" "no $dir/libpr_test.so"; continue; }
+    PR_GPU_LIB=$PWD/$dir/libpr_test.so python3 tests/gpu/test_kernels.py > "$log/pending-$name-kernels.log" 2>&1
+    record "pending $name: kernels" "$([ $? -eq 0 ] && echo pass || echo FAIL)" "$(tail -n 1 "$log/pending-$name-kernels.log")"
+    PR_GPU_LIB=$PWD/$dir/nowgmma/libpr_test.so python3 tests/gpu/test_kernels.py > "$log/pending-$name-nowgmma.log" 2>&1
+    record "pending $name: kernels, mma.sync" "$([ $? -eq 0 ] && echo pass || echo FAIL)" "$(tail -n 1 "$log/pending-$name-nowgmma.log")"
+    for tool in memcheck racecheck; do
+      PR_GPU_LIB=$PWD/$dir/libpr_test.so compute-sanitizer --tool "$tool" --kernel-name kns=retention_ --error-exitcode 9 \
+        python3 tests/gpu/test_kernels.py --small > "$log/pending-$name-$tool.log" 2>&1
+      rc=$?
+      record "pending $name: $tool" "$([ $rc -eq 0 ] && echo pass || echo FAIL)" "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log/pending-$name-$tool.log" | tail -n 1)"
+    done
+    for round in 1 2; do
+      for lib in "$PWD/.carry/gpu" "$PWD/$dir"; do
+        tag=$([ "$lib" = "$PWD/.carry/gpu" ] && echo built || echo "$name")
+        # 16 heads as in the bench; 8, the fewest that cuda/pending/fused-scan.patch fuses
+        { PR_GPU_LIB=$lib/libpr_test.so python3 benches/gpu/prefill_split.py --chunks 512
+          PR_GPU_LIB=$lib/libpr_test.so python3 benches/gpu/prefill_split.py --chunks 512 --heads 8; } > "$log/pending-split-$tag-$round.log" 2>&1
+        while IFS= read -r line; do record "prefill split, $tag, round $round" "-" "$line"; done < <(grep '^| [0-9]' "$log/pending-split-$tag-$round.log")
+      done
+    done
+  done
 fi
 
 echo

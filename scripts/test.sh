@@ -16,6 +16,9 @@ cargo fmt --all -- --check
 # --release: shares the build script's nvcc output with the release build below.
 cargo clippy --release --workspace --all-targets "${features[@]}" -- -D warnings
 
+echo "== kernel patches waiting for a GPU run (cuda/pending) still apply and compile"
+bash scripts/check-pending.sh
+
 echo "== Rust tests (plugin through ONNX Runtime, exporter)"
 cargo build --release -p power-retention-ort "${features[@]}"
 export POWER_RETENTION_LIB=$PWD/target/release/libpower_retention_ort.so

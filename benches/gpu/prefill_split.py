@@ -2,7 +2,8 @@
 length and chunk: torch.profiler's CUDA time of each kernel over 10 calls of pr_prefill (bf16,
 B1 H16 D64, gated, present_state written). On the GPU machine, with PR_GPU_LIB set:
     python3 benches/gpu/prefill_split.py [--chunks 512,1024]
-Prints a table; the sum is kernel time only (no launch gaps).
+Prints a table; the sum is kernel time only (no launch gaps), wall the time per call of 20 calls in a
+row (CUDA events). --heads H times H heads instead of 16.
     python3 benches/gpu/prefill_split.py --once S CHUNK
 runs one warm-up and one timed-free call at that length and chunk, for a profiler such as
     ncu --clock-control none --kernel-name regex:retention_prefill --launch-skip 3 --launch-count 3 ...
@@ -15,13 +16,19 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, "tests/gpu")
 import prlib  # noqa: E402
 
-H, dev = 16, "cuda"
-ONCE = sys.argv[1:2] == ["--once"]
-LENGTHS, CHUNKS = ((int(sys.argv[2]),), (int(sys.argv[3]),)) if ONCE else ((8192, 32768, 131072), (256, 512, 1024, 2048))
-if sys.argv[1:2] == ["--chunks"]:  # e.g. --chunks 512,1024: only those chunk sizes
-    CHUNKS = tuple(int(c) for c in sys.argv[2].split(","))
-print("| S | chunk | deltas ms | scan ms | query ms | sum ms | query share |")
-print("|---|---|---|---|---|---|---|")
+dev = "cuda"
+args = sys.argv[1:]
+H = 16
+if "--heads" in args:  # e.g. --heads 8: that many heads instead of 16 (B Hkv decides between kernel paths)
+    i = args.index("--heads")
+    H = int(args[i + 1])
+    del args[i:i + 2]
+ONCE = args[:1] == ["--once"]
+LENGTHS, CHUNKS = ((int(args[1]),), (int(args[2]),)) if ONCE else ((8192, 32768, 131072), (256, 512, 1024, 2048))
+if args[:1] == ["--chunks"]:  # e.g. --chunks 512,1024: only those chunk sizes
+    CHUNKS = tuple(int(c) for c in args[1].split(","))
+print("| S | H | chunk | deltas ms | scan ms | query ms | sum ms | query share | wall ms |")
+print("|---|---|---|---|---|---|---|---|---|")
 for S in LENGTHS:
     g = torch.Generator(device=dev)
     g.manual_seed(0)
@@ -49,5 +56,13 @@ for S in LENGTHS:
                     us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
                     t[name] += us / 10 / 1000  # us over 10 calls -> ms per call
         s = sum(t.values())
-        print(f"| {S} | {chunk} | {t['deltas']:.3f} | {t['scan']:.3f} | {t['query']:.3f} | {s:.3f} | {t['query'] / s:.0%} |",
-              flush=True)
+        # wall: CUDA events around 20 back-to-back calls (launch gaps and kernel tails included)
+        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0.record()
+        for _ in range(20):
+            f()
+        t1.record()
+        torch.cuda.synchronize()
+        wall = t0.elapsed_time(t1) / 20
+        print(f"| {S} | {H} | {chunk} | {t['deltas']:.3f} | {t['scan']:.3f} | {t['query']:.3f} | {s:.3f} | {t['query'] / s:.0%} "
+              f"| {wall:.3f} |", flush=True)
