@@ -2,9 +2,11 @@
 # Builds the standalone test library (.carry/gpu/libpr_test.so: the cuda/*.cu launchers, cudart
 # static) that tests/gpu/ and benches/gpu/ load with ctypes on the GPU machine. Run here, then carry
 # .carry/gpu to the device. ARCHS overrides the targets (default: sm_90a for the H100/H200).
-# With --pending, also the same libraries with each patch of cuda/pending/series applied to a copy
-# of cuda/ (.carry/pending/<patch name>/), and with all of them applied in the series' order when
-# there are several (.carry/pending/all/): what `scripts/gpu-check.sh pending` tests and times against .carry/gpu.
+# With --pending, also the same libraries with the patches of cuda/pending/series applied to a copy
+# of cuda/: .carry/pending/<name>/ has <name> on top of every patch before it in series (the last one
+# has them all), and .carry/pending/<name>-alone/ has <name> alone where it applies alone (the first
+# patch's stack is itself alone). `scripts/gpu-check.sh pending` tests and times them against
+# .carry/gpu.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 nvcc="${NVCC:-}"
@@ -33,10 +35,10 @@ wait %1 && wait %2 && wait %3
 
 [ "${1:-}" = --pending ] || exit 0
 rm -rf "$root/.carry/pending"
-# cuda/pending/series: the patches in the order they stack (each also applies alone)
+# cuda/pending/series: the patches in the order they stack
 mapfile -t patches < <(grep -v '^#' "$root/cuda/pending/series" | sed "s|^|$root/cuda/pending/|")
 [ ${#patches[@]} -gt 0 ] || { echo "cuda/pending/series lists no patch" >&2; exit 0; }
-variant() {  # variant NAME PATCH...: cuda/ with the patches applied, built as NAME
+variant() {  # variant NAME PATCH...: cuda/ with the patches applied in order, built as NAME
   local name="$1"; shift
   local src; src="$(mktemp -d)"
   cp -r "$root/cuda" "$src/cuda"
@@ -48,8 +50,19 @@ variant() {  # variant NAME PATCH...: cuda/ with the patches applied, built as N
   wait $p1 && wait $p2
   rm -rf "$src"
 }
-for pf in "${patches[@]}"; do variant "$(basename "$pf" .patch)" "$pf"; done
-[ ${#patches[@]} -lt 2 ] || variant all "${patches[@]}"
+applies_alone() {  # applies_alone PATCH: it applies to the tree without the patches before it
+  local tmp rc=0
+  tmp="$(mktemp -d)"
+  cp -r "$root/cuda" "$tmp/"
+  (cd "$tmp" && git apply --check "$1" 2>/dev/null) || rc=1
+  rm -rf "$tmp"
+  return $rc
+}
+for i in "${!patches[@]}"; do
+  pf="${patches[$i]}"
+  variant "$(basename "$pf" .patch)" "${patches[@]:0:$((i + 1))}"
+  if [ "$i" -gt 0 ] && applies_alone "$pf"; then variant "$(basename "$pf" .patch)-alone" "$pf"; fi
+done
 # The variants compress to a sixth (xz), so that they travel to the device beside .carry/gpu/ within
 # a call's 64 MiB: carry .carry/pending.tar.xz; gpu-check.sh pending unpacks it.
 tar -C "$root/.carry" -cJf "$root/.carry/pending.tar.xz" pending

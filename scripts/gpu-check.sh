@@ -23,7 +23,7 @@
 #             scripts/build-gpu-test.sh --pending builds them: the
 #             cuda/pending/*.patch changes, not yet built into the plugin): the kernel tests in both
 #             builds, memcheck and racecheck, and the prefill's kernel times side by side with .carry/gpu's
-#             (benches/gpu/prefill_split.py at chunk 512, 16 and 8 heads, the two libraries
+#             (benches/gpu/prefill_split.py at chunks 512 and 1024, 16 and 8 heads, the two libraries
 #             alternating, twice); PENDING="NAME..." picks variants
 #   kernelsum scripts/kernel-sum.sh: the summed kernel time of one decode step of that model (ncu),
 #             against generate's per-token latency with a CUDA graph
@@ -142,9 +142,10 @@ if want kernelsum; then
 fi
 if want pending; then
   [ -d .carry/pending ] || [ ! -f .carry/pending.tar.xz ] || tar -C .carry -xJf .carry/pending.tar.xz
-  # PENDING="all fused-scan" picks variants (default: every one, "all" first), for when one call's
-  # 10 minutes cannot hold every variant's two test runs, two sanitizers and timings.
-  names=${PENDING:-$([ -d .carry/pending/all ] && echo all) $(ls .carry/pending 2>/dev/null | grep -vx all)}
+  # PENDING="packed-rows fused-scan-alone" picks variants (default: every one, the whole series
+  # first), for when one call's 10 minutes cannot hold every variant's two test runs, two
+  # sanitizers and timings.
+  names=${PENDING:-$(grep -v '^#' cuda/pending/series | sed 's/\.patch$//' | tac) $(ls .carry/pending 2>/dev/null | grep -- '-alone$')}
   for name in $names; do
     dir=.carry/pending/$name
     [ -f "$dir/libpr_test.so" ] || { record "pending $name" "FAIL" "no $dir/libpr_test.so"; continue; }
@@ -162,8 +163,8 @@ if want pending; then
       for lib in "$PWD/.carry/gpu" "$PWD/$dir"; do
         tag=$([ "$lib" = "$PWD/.carry/gpu" ] && echo built || echo "$name")
         # 16 heads as in the bench; 8, the fewest that cuda/pending/fused-scan.patch fuses
-        { PR_GPU_LIB=$lib/libpr_test.so python3 benches/gpu/prefill_split.py --chunks 512
-          PR_GPU_LIB=$lib/libpr_test.so python3 benches/gpu/prefill_split.py --chunks 512 --heads 8; } > "$log/pending-split-$tag-$round.log" 2>&1
+        { PR_GPU_LIB=$lib/libpr_test.so python3 benches/gpu/prefill_split.py --chunks 512,1024
+          PR_GPU_LIB=$lib/libpr_test.so python3 benches/gpu/prefill_split.py --chunks 512,1024 --heads 8; } > "$log/pending-split-$tag-$round.log" 2>&1
         while IFS= read -r line; do record "prefill split, $tag, round $round" "-" "$line"; done < <(grep '^| [0-9]' "$log/pending-split-$tag-$round.log")
       done
     done
