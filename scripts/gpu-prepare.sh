@@ -6,6 +6,7 @@
 #   .carry/gpu/libpr_test.so                  the kernels alone, for the ctypes tests and benchmarks
 #   .carry/spec/power_retention_gold.py       the spec's float64 gold model
 #   .whl/retention-1.0.7-py3-none-any.whl     the reference package
+#   .carry/pending.tar.xz                     with --pending: the cuda/pending/ kernel variants
 # ONNX Runtime with its CUDA EP travels separately: ../shared/device/ort-gpu.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +17,7 @@ cargo build --release -p power-retention-exporter
 mkdir -p .carry/plugin .carry/bin .carry/spec .whl
 strip -o .carry/plugin/libpower_retention_ort.so target/release/libpower_retention_ort.so
 strip -o .carry/bin/power-retention target/release/power-retention
-bash scripts/build-gpu-test.sh
+bash scripts/build-gpu-test.sh "$@"  # --pending: also the cuda/pending/ variants (.carry/pending.tar.xz)
 cp ../shared/spec/power_retention_gold.py .carry/spec/
 [ -f .whl/retention-1.0.7-py3-none-any.whl ] || python3 -m pip download -q --no-deps -d .whl retention==1.0.7
 grep -qxF '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
