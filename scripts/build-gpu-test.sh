@@ -31,7 +31,10 @@ build() {  # build OUTPUT EXTRA_FLAGS... SOURCES...
 build "$out/libpr_test.so" "$root"/cuda/*.cu &
 build "$out/nowgmma/libpr_test.so" -DPR_NO_WGMMA "$root"/cuda/*.cu &
 build "$out/libwgmma_probe.so" "$root/tests/gpu/wgmma_probe.cu" &
-wait %1 && wait %2 && wait %3
+# one wait a line: set -e ignores a failure inside an && list
+wait %1
+wait %2
+wait %3
 
 [ "${1:-}" = --pending ] || exit 0
 rm -rf "$root/.carry/pending"
@@ -47,7 +50,8 @@ variant() {  # variant NAME PATCH...: cuda/ with the patches applied in order, b
   # (quoted includes resolve beside the including file: the patched headers)
   build "$root/.carry/pending/$name/libpr_test.so" "$src"/cuda/*.cu & local p1=$!
   build "$root/.carry/pending/$name/nowgmma/libpr_test.so" -DPR_NO_WGMMA "$src"/cuda/*.cu & local p2=$!
-  wait $p1 && wait $p2
+  wait $p1
+  wait $p2
   rm -rf "$src"
 }
 applies_alone() {  # applies_alone PATCH: it applies to the tree without the patches before it

@@ -169,12 +169,14 @@ if want pending; then
         while IFS= read -r line; do record "prefill split, $tag, round $round" "-" "$line"; done < <(grep '^| [0-9]' "$log/pending-split-$tag-$round.log")
       done
     done
-    # The figure the bars are about, with the package measured in the same run: once, for the
-    # first variant whose kernel tests pass.
+    # The figures the bars are about, with the package measured in the same run, once, for the
+    # first variant whose kernel tests pass: its prefill and decode, and the built decode beside it.
     if [ $krc -eq 0 ] && [ -z "${pending_benched:-}" ]; then
       pending_benched=1
-      PR_GPU_LIB=$PWD/$dir/libpr_test.so python3 benches/gpu/bench_kernels.py --prefill-only > "$log/pending-$name-bench.log" 2>&1
-      record "pending $name: prefill vs package" "$([ $? -eq 0 ] && echo done || echo FAIL)" "table in $log/pending-$name-bench.log"
+      PR_GPU_LIB=$PWD/$dir/libpr_test.so python3 benches/gpu/bench_kernels.py > "$log/pending-$name-bench.log" 2>&1
+      record "pending $name: kernels vs package" "$([ $? -eq 0 ] && echo done || echo FAIL)" "tables in $log/pending-$name-bench.log"
+      python3 benches/gpu/bench_kernels.py --decode-only > "$log/pending-built-decode-bench.log" 2>&1
+      record "built: decode vs package" "$([ $? -eq 0 ] && echo done || echo FAIL)" "table in $log/pending-built-decode-bench.log"
     fi
   done
 fi
