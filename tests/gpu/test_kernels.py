@@ -264,7 +264,7 @@ def main(small):
         shapes = [(1, 1, 1, 1, 32, 32), (2, 7, 4, 4, 64, 64), (1, 63, 8, 2, 64, 64), (1, 65, 4, 4, 32, 32),
                   (2, 200, 8, 2, 64, 64), (1, 1000, 4, 4, 64, 64), (1, 130, 2, 1, 128, 128), (1, 77, 4, 2, 32, 64),
                   (1, 0, 2, 2, 32, 32), (1, 4100, 2, 2, 64, 64), (3, 129, 16, 2, 64, 8),
-                  # B Hkv >= 8: cuda/pending/fused-scan.patch's fused scan (one chunk; 3 / 5 chunks, GQA)
+                  # B Hkv >= 8, cuda/pending/fused-scan.patch's fused scan: 3 / 5 chunks, GQA (one chunk: (2, 7, 4, 4))
                   (2, 1100, 8, 4, 64, 64)]
         flags = [(g, pst) for g in (False, True) for pst in (False, True)]
     for dtype in dtypes:
